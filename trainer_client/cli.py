@@ -1,0 +1,98 @@
+"""``trainer-client`` (also ``python -m trainer_client``): the trainer's command line.
+
+    trainer-client train --config FILE.yaml [--set key=value ...] [--resume CHECKPOINT_DIR]
+
+Each subcommand lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``, listed in
+``SUBCOMMANDS`` and imported only when present; the first line of ``run``'s docstring is its help.
+Modules import torch inside ``run`` so that ``--help`` stays instant. Expected failures (bad config,
+unreachable server, wrong server model) print one ``error: ...`` line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, str] = {
+    "train": "trainer_client.cli",
+    "eval": "trainer_client.evaluate",
+    "demo": "trainer_client.demo",
+}
+"""Subcommand name -> module providing ``add_arguments(parser)`` and ``run(args) -> int``."""
+
+EXIT_CONFIG, EXIT_SERVER, EXIT_RUNTIME = 2, 3, 1
+
+
+# --- train ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``train``."""
+    parser.add_argument("--config", help="YAML file of TrainConfig keys (see trainer_client/config.py)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key (value parsed as YAML); repeatable",
+    )  # fmt: skip
+    parser.add_argument("--resume", metavar="DIR", help="checkpoint folder to continue from")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train a policy with online DPO against a generation server.
+
+    The config is validated before torch is imported, so a bad key fails instantly."""
+    from trainer_client.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return fail(f"bad config: {e}", EXIT_CONFIG)
+
+    from trainer_client.client import GeneratorError
+    from trainer_client.train import IncompatibleServerError, run_training
+
+    try:
+        summary = run_training(config, resume=args.resume)
+    except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as e:
+        return fail(f"bad config: {e}", EXIT_CONFIG)
+    except IncompatibleServerError as e:
+        return fail(f"wrong server model: {e}", EXIT_SERVER)
+    except GeneratorError as e:
+        return fail(f"generation server: {e}", EXIT_SERVER)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    print(f"done: {summary['steps']} steps, final checkpoint {summary['final_checkpoint']}")
+    return 0
+
+
+def fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+def _available() -> dict[str, object]:
+    modules = {}
+    for name, module in SUBCOMMANDS.items():
+        try:
+            modules[name] = sys.modules[__name__] if module == __name__ else importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="trainer-client", description="Online DPO against a generation server."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules = _available()
+    for name, module in modules.items():
+        doc = (module.run.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc or None)
+        module.add_arguments(p)
+    args = parser.parse_args(argv)
+    return modules[args.command].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

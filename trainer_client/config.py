@@ -1,0 +1,162 @@
+"""The trainer's configuration: one typed, validated pydantic model, read from YAML plus ``--set`` overrides.
+
+This module imports no torch, so the command line can parse and check a config instantly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+class TrainConfig(BaseModel):
+    """Online DPO against a generation server. Every key has a default except ``model``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    # --- models ------------------------------------------------------------------------------------------
+    model: str = Field(min_length=1)
+    """Policy: a Hugging Face model folder (safetensors). Also the reference unless `ref_model` is set.
+    The server must have been started from the same folder (or with the same weights)."""
+    ref_model: str | None = None
+    """Reference model folder for the DPO loss; default: the initial `model`."""
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    """Torch device of the policy, the reference and a reward model (all fp32)."""
+
+    # --- generation backend ------------------------------------------------------------------------------
+    mode: Literal["server", "colocate"] = "server"
+    """`server`: generate with the HTTP generation server at `server_url`. `colocate`: vLLM inside the
+    trainer process (not implemented yet)."""
+    server_url: str = Field("http://127.0.0.1:8000", pattern=r"^https?://")
+    """Base URL of the generation server."""
+    api_key: str | None = None
+    """Bearer token of the server (its --api-key); default: none."""
+    request_timeout: float = Field(600.0, gt=0)
+    """Seconds one HTTP request may take (a generate of a whole batch, a weight push)."""
+    max_retries: int = Field(5, ge=0)
+    """Retries of a request after a connection error, timeout or 5xx, with exponential backoff."""
+    connect_timeout: float = Field(60.0, gt=0)
+    """Seconds to wait at start-up for the server to answer /health before giving up."""
+
+    # --- data and reward ---------------------------------------------------------------------------------
+    task: str = "arithmetic"
+    """A built-in task name or the path of a JSONL file of {"prompt": ..., "answer": ...} rows."""
+    reward: str = "task"
+    """`task` (the task's own reward), `length`, or a folder of a sequence-classification reward model."""
+    missing_eos_penalty: float = Field(0.0, ge=0)
+    """Subtracted from the reward of a completion that did not finish (hit `max_new_tokens`)."""
+
+    # --- sampling ----------------------------------------------------------------------------------------
+    batch_size: int = Field(8, ge=1)
+    """Prompts per step."""
+    samples_per_prompt: int = Field(4, ge=2)
+    """K completions per prompt; chosen = highest reward, rejected = lowest; all-tied prompts are skipped."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Completion length limit; default: the task's hint, else 64."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the training samples."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the training samples (1 = off)."""
+    stop: list[str] | None = None
+    """Stop strings; default: the task's hint."""
+
+    # --- DPO ---------------------------------------------------------------------------------------------
+    steps: int = Field(100, ge=1)
+    """Optimizer steps (policy versions) to train for."""
+    beta: float = Field(0.1, gt=0)
+    """DPO temperature: how strongly the policy is kept near the reference."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """`sigmoid` (DPO) or `ipo`."""
+    learning_rate: float = Field(1e-6, gt=0)
+    """AdamW peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup (`linear` and `cosine` decay to 0 at `steps`)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from 0 to `learning_rate`."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient to this global norm; null = no clipping."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Pairs per forward/backward pass (gradient accumulation); default: all pairs of a step at once."""
+
+    # --- asynchrony --------------------------------------------------------------------------------------
+    max_staleness: int = Field(1, ge=0)
+    """0 = synchronous on-policy; N >= 1 = a batch may come from a policy up to N versions older than the
+    one being trained (generation of the next batch overlaps training)."""
+
+    # --- output ------------------------------------------------------------------------------------------
+    output_dir: str = "runs/online-dpo"
+    """Folder for metrics.jsonl and checkpoints."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0 = only at the end; the end is always saved)."""
+    log_every: int = Field(0, ge=0)
+    """Also print a metrics line to the console every N steps (0 = progress bar only)."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar with live reward, loss and step time."""
+    seed: int = 0
+    """Seed of prompt order, generation seeds and torch."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        return self
+
+
+def _format_errors(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{key}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """``key=value`` with the value parsed as YAML (``3`` -> int, ``null`` -> None, ``[a, b]`` -> list)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    if key not in TrainConfig.model_fields:
+        raise ConfigError(f"{key}: unknown key (from --set {item})")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config file (optional), apply ``key=value`` overrides, and validate.
+
+    Raises :class:`ConfigError` with a message naming each bad key."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of key: value")
+        data.update(loaded or {})
+    for item in overrides:
+        key, value = parse_override(item)
+        data[key] = value
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None

@@ -1,0 +1,108 @@
+"""The online DPO maths: sequence log-probabilities, the DPO/IPO losses, and preference pairs.
+
+Notation (Rafailov et al. 2023; Azar et al. 2023 for IPO): for a prompt x with a chosen completion y_c and a
+rejected one y_r, ``pi_c = log pi(y_c | x)`` summed over the completion's tokens, ``ref_c`` the same under
+the frozen reference, and
+
+    h = (pi_c - pi_r) - (ref_c - ref_r)
+    sigmoid (DPO):  loss = -log sigmoid(beta * h)
+    ipo:            loss = (h - 1 / (2 * beta)) ** 2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log-probabilities
+# ---------------------------------------------------------------------------------------------------------
+def collate(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + completion`` token ids.
+
+    Returns ``input_ids``, ``attention_mask`` and ``completion_mask``, each (B, T); ``completion_mask`` is 1
+    exactly on the completion's tokens (not the prompt, not the padding)."""
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, rows, strict=True)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attention_mask[i, : len(r)] = 1
+        completion_mask[i, len(p) : len(r)] = 1
+    return input_ids, attention_mask, completion_mask
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``log p(input_ids[:, t] | input_ids[:, :t])`` at every position t >= 1; position 0 holds 0.
+
+    input_ids, attention_mask: (B, T) -> (B, T), float32."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+    targets = input_ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
+    # log_softmax(logits)[target] without materialising the (B, T-1, V) log-softmax
+    logps = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
+    return F.pad(logps, (1, 0), value=0.0)  # (B, T)
+
+
+def sequence_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """``log pi(completion | prompt)``: token log-probabilities summed over completion tokens only.
+
+    input_ids, attention_mask, completion_mask: (B, T) -> (B,)."""
+    return (token_logps(model, input_ids, attention_mask) * completion_mask).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> torch.Tensor:
+    """Per-pair loss (P,) from four (P,) tensors of summed completion log-probabilities."""
+    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (P,)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * h)
+    if loss_type == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pairs
+# ---------------------------------------------------------------------------------------------------------
+def apply_missing_eos_penalty(
+    rewards: Sequence[float], finished: Sequence[bool], penalty: float
+) -> list[float]:
+    """Subtract ``penalty`` from the reward of every completion that did not finish (no EOS / stop string)."""
+    return [r - (0.0 if done else penalty) for r, done in zip(rewards, finished, strict=True)]
+
+
+def build_pairs(rewards: Sequence[float], K: int) -> tuple[list[tuple[int, int, int]], int]:
+    """Preference pairs from ``rewards`` of B prompts x K samples, flattened prompt-major (B*K,).
+
+    For each prompt the chosen sample is the one with the highest reward and the rejected one the lowest
+    (first index among equals). Returns ``([(prompt, chosen_k, rejected_k), ...], skipped_ties)`` where
+    ``skipped_ties`` counts prompts whose K rewards are all equal (no preference, no pair)."""
+    if K < 2 or len(rewards) % K:
+        raise ValueError(f"need K >= 2 and len(rewards) divisible by K; got K={K}, {len(rewards)} rewards")
+    pairs, skipped_ties = [], 0
+    for i in range(len(rewards) // K):
+        group = list(rewards[i * K : (i + 1) * K])
+        hi, lo = max(group), min(group)
+        if hi == lo:
+            skipped_ties += 1
+            continue
+        pairs.append((i, group.index(hi), group.index(lo)))
+    return pairs, skipped_ties
