@@ -145,6 +145,7 @@ class GeneratorClient:
             models need minutes.
         max_retries: retries after a connection error, a timeout or a 5xx answer (0 = try once).
         backoff: seconds before the first retry, doubled after each one, capped at ``backoff_max``.
+        transport: an httpx transport to use instead of the network (for tests).
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class GeneratorClient:
         max_retries: int = 5,
         backoff: float = 0.5,
         backoff_max: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.max_retries, self.backoff, self.backoff_max = max_retries, backoff, backoff_max
@@ -163,6 +165,7 @@ class GeneratorClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
         )
 
     def close(self) -> None:
