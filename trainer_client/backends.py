@@ -103,7 +103,11 @@ def make_backend(config: TrainConfig) -> GenerationBackend:
             max_retries=config.max_retries,
         )  # fmt: skip
         return ServerBackend(client)
-    raise NotImplementedError(f"mode {config.mode!r} is not implemented yet; use mode: server")
+    if config.mode == "colocate":
+        from trainer_client.colocate import ColocatedBackend  # imports vLLM: only in this mode
+
+        return ColocatedBackend.from_config(config)
+    raise NotImplementedError(f"mode {config.mode!r} is not implemented")
 
 
 __all__ = ["GenerationBatch", "GenerationBackend", "ServerBackend", "make_backend", "GeneratorUnavailable"]

@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one config key (value parsed as YAML); repeatable",
     )  # fmt: skip
     parser.add_argument("--resume", metavar="DIR", help="checkpoint folder to continue from")
+    parser.add_argument(
+        "--colocate", action="store_true",
+        help="run vLLM inside the trainer process on its device (same as --set mode=colocate)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from trainer_client.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = [*args.overrides, "mode=colocate"] if getattr(args, "colocate", False) else args.overrides
+        config = load_config(args.config, overrides)
     except ConfigError as e:
         return fail(f"bad config: {e}", EXIT_CONFIG)
 
     from trainer_client.client import GeneratorError
+    from trainer_client.colocate import ColocateError
     from trainer_client.train import IncompatibleServerError, run_training
 
     try:
@@ -57,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"wrong server model: {e}", EXIT_SERVER)
     except GeneratorError as e:
         return fail(f"generation server: {e}", EXIT_SERVER)
+    except ColocateError as e:
+        return fail(f"colocated engine: {e}", EXIT_RUNTIME)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
     print(f"done: {summary['steps']} steps, final checkpoint {summary['final_checkpoint']}")

@@ -32,8 +32,9 @@ class TrainConfig(BaseModel):
 
     # --- generation backend ------------------------------------------------------------------------------
     mode: Literal["server", "colocate"] = "server"
-    """`server`: generate with the HTTP generation server at `server_url`. `colocate`: vLLM inside the
-    trainer process (not implemented yet)."""
+    """`server`: generate with the HTTP generation server at `server_url`. `colocate`: a vLLM engine inside
+    the trainer process on the trainer's `device`, weights handed over in memory (trainer_client/colocate.py;
+    the `colocate_*` keys below)."""
     server_url: str = Field("http://127.0.0.1:8000", pattern=r"^https?://")
     """Base URL of the generation server."""
     api_key: str | None = None
@@ -44,6 +45,20 @@ class TrainConfig(BaseModel):
     """Retries of a request after a connection error, timeout or 5xx, with exponential backoff."""
     connect_timeout: float = Field(60.0, gt=0)
     """Seconds to wait at start-up for the server to answer /health before giving up."""
+    colocate_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+    """`mode: colocate` on a GPU: fraction of the device the engine may take (weights, activations, KV
+    cache); the policy, the reference and the optimizer must fit in the rest."""
+    colocate_kv_cache_gib: int = Field(1, ge=1)
+    """`mode: colocate` on CPU: KV cache of the engine in GiB."""
+    colocate_sleep: bool = True
+    """`mode: colocate` on a GPU: free the engine's memory (sleep level 1) while it is idle; no effect on CPU,
+    where vLLM has no sleep mode."""
+    colocate_dtype: str = "auto"
+    """`mode: colocate`: dtype of the engine's copy of the weights (`auto` = the model folder's)."""
+    colocate_max_model_len: int | None = Field(None, ge=1)
+    """`mode: colocate`: context length of the engine; default: the model's."""
+    colocate_enforce_eager: bool = True
+    """`mode: colocate`: skip vLLM's torch.compile and CUDA graphs (faster start, slower generation)."""
 
     # --- data and reward ---------------------------------------------------------------------------------
     task: str = "arithmetic"

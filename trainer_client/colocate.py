@@ -1,0 +1,379 @@
+"""Colocated mode: the vLLM engine runs inside the trainer process, on the trainer's device.
+
+Everything needed for vLLM to share one device with a training process lives here:
+
+- **In-process engine.** ``vllm.LLM`` built with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs its engine core
+  and its single worker (the uni-process executor) in this process, so the engine's ``nn.Module`` sits in
+  the trainer's own memory. (``AsyncLLM`` always starts a separate engine-core process, so it cannot be
+  used here.) We check that the worker really answers from our own process id and fail otherwise.
+- **Memory.** On a GPU the engine may take ``gpu_memory_utilization`` of the device (weights, activations
+  and KV cache); the trainer's policy, reference and optimizer must fit in the rest. On CPU the KV cache is
+  a fixed ``kv_cache_gib`` (vLLM's ``VLLM_CPU_KVCACHE_SPACE``), because vLLM's automatic CPU sizing
+  subtracts the whole process's RSS, i.e. the trainer's memory too.
+- **Sleep while training.** Where the platform supports it (CUDA/ROCm/XPU), the engine is created with
+  ``enable_sleep_mode`` and put to ``sleep(level=1)`` when it goes idle after a generation: the KV cache
+  is freed and the weights are moved to host memory, so training gets the device memory back. The next
+  weight handover or generation wakes it up. vLLM's CPU build has no sleep mode (its worker ignores
+  ``sleep``), so on CPU the engine simply stays resident.
+- **Weights in memory.** :meth:`ColocatedEngine.load_weights` passes the policy's ``state_dict`` to the
+  worker through ``collective_rpc`` with a callable; in-process this is a plain function call, and the
+  model's own ``load_weights`` copies every tensor into vLLM's (fused, possibly lower-precision) parameters.
+  No file, no HTTP, no serialisation. The prefix cache is reset afterwards (its KV was computed by the old
+  weights).
+- **Side effects on the trainer.** Building a vLLM CPU worker re-seeds torch's global RNG, drops torch to
+  one intra-op thread and replaces ``torch.set_num_threads`` by a no-op; we undo all three so the trainer
+  computes and draws random numbers exactly as it would without the engine. Generation always runs with
+  per-request seeds (drawn from a private RNG when the caller passes none) so it never consumes the
+  trainer's global RNG stream.
+
+``generate`` answers like the server's ``POST /generate``: raw log-probabilities (the model's
+log-softmax at temperature 1, before top-p/top-k), ``finish_reason`` ``stop`` or ``length``, and the
+version of the weights that produced the batch.
+
+:class:`ColocatedBackend` wraps the engine as the training loop's generation backend
+(``trainer_client.backends.GenerationBackend``). Only APIs present in both vLLM 0.26 and 0.32 are used
+(``LLM``, ``SamplingParams``, ``LLM.collective_rpc`` with a callable, ``sleep``/``wake_up``,
+``reset_prefix_cache``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer_client.client import Completion, GenerateResponse, PromptResult
+
+
+class ColocateError(RuntimeError):
+    """The colocated engine cannot be built or used as asked (wrong vLLM, wrong device, bad weights)."""
+
+
+@dataclass
+class EngineSettings:
+    """How to build the in-process engine."""
+
+    model: str
+    """Hugging Face model folder the engine starts from (the policy's initial weights)."""
+    device: str = "cpu"
+    """The trainer's device: ``cpu`` or ``cuda``/``cuda:0`` (vLLM's single worker uses device 0)."""
+    dtype: str = "auto"
+    """Engine weights dtype (``auto`` = the folder's); the policy is cast on handover."""
+    gpu_memory_utilization: float = 0.3
+    """GPU: fraction of the device the engine may take (weights + activations + KV cache)."""
+    kv_cache_gib: int = 1
+    """CPU: KV cache size in GiB."""
+    sleep: bool = True
+    """Free the engine's device memory while it is idle (GPU only; vLLM's CPU build has no sleep mode)."""
+    max_model_len: int | None = None
+    """Context length of the engine; default: the model's."""
+    enforce_eager: bool = True
+    """Skip torch.compile and CUDA graphs (quick start; graphs are re-captured on a GPU otherwise)."""
+    seed: int = 0
+    """Seed of the engine and of generation seeds drawn when the caller passes none."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keeping the trainer's process state intact
+# ---------------------------------------------------------------------------------------------------------
+@contextmanager
+def _trainer_state_preserved():
+    """Undo what building a vLLM worker does to process-global state the trainer relies on."""
+    import numpy as np
+    import torch
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads  # vLLM's CPU worker swaps in a no-op
+        torch.set_num_threads(threads)  # vLLM drops to 1 thread "for serving"
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+
+
+def _check_device(device: str) -> str:
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return "cpu"
+    if kind == "cuda":
+        if index not in ("", "0"):
+            raise ColocateError(
+                f"colocated mode runs vLLM's single worker on device 0, but the trainer's device is {device};"
+                " select the GPU with CUDA_VISIBLE_DEVICES and use device: cuda"
+            )
+        return "cuda"
+    raise ColocateError(f"colocated mode supports device cpu or cuda, not {device}")
+
+
+def _worker_pid(worker) -> int:
+    return os.getpid()
+
+
+def _load_weights_into_worker(worker, weights: Sequence[tuple[str, Any]]) -> str:
+    """Runs inside vLLM's worker (here: in our own process): copy ``weights`` into its model.
+
+    vLLM's in-place reload (``reload_weights(weights_iterator=...)``) is used where it exists: it undoes
+    the kernel-specific repacking done after loading (vLLM's CPU linears replace their weights by oneDNN
+    handles) and redoes it on the new weights. Without it, the model's ``load_weights`` copies straight
+    into the parameters, which is right for unquantized CUDA models."""
+    runner = getattr(worker, "model_runner", None)
+    reload = getattr(runner, "reload_weights", None)
+    if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
+        worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        return "reload_weights"
+    get_model = getattr(worker, "get_model", None)
+    model = get_model() if get_model is not None else runner.model
+    model.load_weights(weights=iter(weights))
+    return "load_weights"
+
+
+def read_weights_spec(model_dir: str | Path) -> dict[str, tuple[list[int], str]]:
+    """``{tensor name: (shape, dtype)}`` of the safetensors files of a model folder (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ColocateError(f"no *.safetensors in {model_dir}")
+    spec: dict[str, tuple[list[int], str]] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                sl = f.get_slice(name)
+                spec[name] = (list(sl.get_shape()), _DTYPE_NAMES.get(sl.get_dtype(), sl.get_dtype()))
+    return spec
+
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------------------
+class ColocatedEngine:
+    """A vLLM engine in this process that generates like the server's ``/generate`` and takes new weights
+    from a ``state_dict`` in memory. Thread-safe: calls are serialised by a lock."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.device = _check_device(settings.device)
+        self.weights_version = 0
+        self.spec = read_weights_spec(settings.model)
+        self._lock = threading.Lock()
+        self._seeds = random.Random(settings.seed)  # private: never touches the trainer's RNG
+        self._asleep = False
+        self.llm = self._build()
+
+    def _build(self):
+        # Both switches must be in the environment before vLLM reads them (engine construction).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if self.device == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.kv_cache_gib)
+        with _trainer_state_preserved():
+            import vllm
+            from vllm import LLM
+            from vllm.platforms import current_platform
+
+            for api in ("collective_rpc", "sleep", "wake_up", "reset_prefix_cache"):
+                if not hasattr(LLM, api):
+                    raise ColocateError(
+                        f"vllm {vllm.__version__} has no LLM.{api}; colocated mode needs vLLM >= 0.26"
+                    )
+            self.sleep_supported = self.device == "cuda" and current_platform.is_sleep_mode_available()
+            kwargs: dict[str, Any] = dict(
+                model=self.settings.model,
+                dtype=self.settings.dtype,
+                seed=self.settings.seed,
+                enforce_eager=self.settings.enforce_eager,
+                max_model_len=self.settings.max_model_len,
+                # log-probabilities of the raw logits (before temperature, top-p, top-k), as the server
+                logprobs_mode="raw_logprobs",
+            )
+            if self.device == "cuda":
+                kwargs["gpu_memory_utilization"] = self.settings.gpu_memory_utilization
+                kwargs["enable_sleep_mode"] = self.settings.sleep and self.sleep_supported
+            self.vllm_version = vllm.__version__
+            llm = LLM(**kwargs)
+        pids = llm.collective_rpc(_worker_pid)
+        if pids != [os.getpid()]:
+            raise ColocateError(
+                f"vLLM's worker runs in process {pids}, not in the trainer ({os.getpid()}); colocated mode "
+                "needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM starts)"
+            )
+        return llm
+
+    @property
+    def sleeping(self) -> bool:
+        return self._asleep
+
+    # --- generation ------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        n: int = 1,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        min_tokens: int = 0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        ignore_eos: bool = False,
+    ) -> GenerateResponse:
+        """The server's ``POST /generate``, answered in process (same arguments, same response)."""
+        from vllm import SamplingParams
+
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts or prompt_token_ids")
+        if prompts is not None:
+            inputs: list = list(prompts)
+        else:
+            inputs = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+        with self._lock:
+            if seed is None:
+                seed = self._seeds.randrange(2**31)
+            params = SamplingParams(
+                n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                top_k=max(top_k, 0),  # 0 = off in vLLM >= 0.9 (-1 in the HTTP contract)
+                min_tokens=min_tokens, stop=stop, seed=seed, ignore_eos=ignore_eos,
+                logprobs=0 if logprobs else None,
+            )  # fmt: skip
+            self._wake()
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            version = self.weights_version
+            self._sleep()
+        results = []
+        for out in outputs:
+            completions = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                lps = None
+                if logprobs:  # one {token id: Logprob} per step, holding (at least) the sampled token
+                    lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
+                completions.append(
+                    Completion(
+                        text=c.text, token_ids=list(c.token_ids), logprobs=lps,
+                        finish_reason=c.finish_reason or "length",
+                    )
+                )  # fmt: skip
+            results.append(PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=completions))
+        return GenerateResponse(weights_version=version, results=results)
+
+    # --- weights ---------------------------------------------------------------------------------------
+    def check_weights(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise :class:`ValueError` naming the first unknown, missing or mis-shaped tensor."""
+        unknown = sorted(set(state_dict) - set(self.spec))
+        missing = sorted(set(self.spec) - set(state_dict))
+        if unknown:
+            raise ValueError(f"unknown tensor {unknown[0]!r} ({len(unknown)} unknown in all)")
+        if missing:
+            raise ValueError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+        for name, tensor in state_dict.items():
+            expected = self.spec[name][0]
+            if list(tensor.shape) != expected:
+                raise ValueError(f"tensor {name!r} has shape {list(tensor.shape)}, expected {expected}")
+
+    def load_weights(self, state_dict: Mapping[str, Any], version: int) -> float:
+        """Copy ``state_dict`` (the policy's parameter names and shapes) into the engine; from then on its
+        outputs report ``version``. Returns the seconds it took."""
+        if version <= self.weights_version:
+            raise ValueError(f"version {version} is not greater than the current {self.weights_version}")
+        self.check_weights(state_dict)
+        weights = [(name, t.detach()) for name, t in state_dict.items()]
+        with self._lock:
+            start = time.perf_counter()
+            self._wake()
+            self.llm.collective_rpc(_load_weights_into_worker, args=(weights,))
+            self.llm.reset_prefix_cache()  # cached KV came from the old weights
+            self.weights_version = version
+            seconds = time.perf_counter() - start
+        return seconds
+
+    # --- sleep -----------------------------------------------------------------------------------------
+    def _sleep(self) -> None:
+        if self.settings.sleep and self.sleep_supported and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            del llm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loop's backend
+# ---------------------------------------------------------------------------------------------------------
+class ColocatedBackend:
+    """``mode: colocate``: the :class:`~trainer_client.backends.GenerationBackend` of an in-process engine.
+
+    The loop is the same as in server mode: its producer thread calls :meth:`generate` while the training
+    thread trains, and its pusher thread calls :meth:`push` after every step, here a copy in memory."""
+
+    def __init__(self, engine: ColocatedEngine):
+        self.engine = engine
+
+    @classmethod
+    def from_config(cls, config) -> ColocatedBackend:
+        """Build the engine from a :class:`~trainer_client.config.TrainConfig` (its ``colocate_*`` keys)."""
+        settings = EngineSettings(
+            model=config.model,
+            device=config.device,
+            dtype=config.colocate_dtype,
+            gpu_memory_utilization=config.colocate_gpu_memory_utilization,
+            kv_cache_gib=config.colocate_kv_cache_gib,
+            sleep=config.colocate_sleep,
+            max_model_len=config.colocate_max_model_len,
+            enforce_eager=config.colocate_enforce_eager,
+            seed=config.seed,
+        )
+        return cls(ColocatedEngine(settings))
+
+    def weights_spec(self) -> tuple[int, dict[str, tuple[list[int], str]]]:
+        return self.engine.weights_version, dict(self.engine.spec)
+
+    def version(self) -> int:
+        return self.engine.weights_version
+
+    def generate(self, prompts, n, max_tokens, temperature, seed, top_p=1.0, stop=None, logprobs=False):
+        from trainer_client.backends import GenerationBatch
+
+        out = self.engine.generate(
+            prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+            seed=seed, logprobs=logprobs,
+        )  # fmt: skip
+        return GenerationBatch(
+            weights_version=out.weights_version,
+            prompts=list(prompts),
+            prompt_token_ids=[r.prompt_token_ids for r in out.results],
+            completions=[r.completions for r in out.results],
+        )
+
+    def push(self, state_dict: Mapping[str, Any], version: int) -> dict:
+        seconds = self.engine.load_weights(state_dict, version)
+        return {"weights_version": version, "load_seconds": round(seconds, 4)}
+
+    def close(self) -> None:
+        self.engine.close()
