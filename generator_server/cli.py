@@ -1,0 +1,105 @@
+"""``generator-server`` (also ``python -m generator_server``): parse the flags, then serve.
+
+Flags are parsed before vLLM or torch is imported, so ``--help`` and flag errors answer at once. Every
+flag can also come from an environment variable ``GENERATOR_<FLAG>`` (a flag given wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import typing
+
+from pydantic import ValidationError
+
+from generator_server.config import ServerSettings
+
+
+def _flag_type(annotation) -> tuple[type | None, list | None]:
+    """(argparse type, choices) for a settings field annotation such as ``int | None``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return None, list(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    return annotation, None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One ``--flag-name`` per settings field; defaults stay unset so environment variables still apply."""
+    parser = argparse.ArgumentParser(
+        prog="generator-server",
+        description="Serve one model with vLLM: batched /generate and in-place weight reloads over HTTP.",
+        epilog="Every flag can also be set as GENERATOR_<FLAG>, e.g. GENERATOR_API_KEY.",
+    )
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        notes = ["required"] if field.is_required() else []
+        if field.default is not None and not field.is_required():
+            notes.append(f"default {field.default}")
+        notes.append(f"env GENERATOR_{name.upper()}")
+        help_text = f"{field.description} [{'; '.join(notes)}]"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+            continue
+        flag_type, choices = _flag_type(field.annotation)
+        parser.add_argument(
+            flag,
+            type=str if flag_type is None or choices else flag_type,
+            choices=choices,
+            default=argparse.SUPPRESS,
+            metavar=None if choices else name.upper(),
+            help=help_text,
+        )
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> ServerSettings:
+    """Settings from flags, then ``GENERATOR_*`` variables, then defaults; exits 2 on invalid values."""
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    try:
+        return ServerSettings(**flags)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors()
+        )
+        parser.error(problems)
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    # vLLM starts its engine processes while the HTTP server's threads run; spawning (rather than forking
+    # a multi-threaded process) is the safe choice on CPU and GPU alike.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+    import uvicorn
+
+    from generator_server.app import create_app
+
+    server: uvicorn.Server | None = None
+    failed = False
+
+    def on_fatal() -> None:
+        """The engine could not start: stop serving and exit non-zero rather than answer 503 forever."""
+        nonlocal failed
+        failed = True
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=30
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

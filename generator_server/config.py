@@ -1,0 +1,52 @@
+"""Server settings: every command-line flag, also readable from ``GENERATOR_<FLAG>`` environment variables.
+
+This module imports neither torch nor vLLM, so ``generator-server --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+class ServerSettings(BaseSettings):
+    """Settings of one generation server (one model, one vLLM engine)."""
+
+    model_config = SettingsConfigDict(env_prefix="GENERATOR_", extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="Hugging Face model folder (config, tokenizer, safetensors) to serve.")
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for all).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    api_key: str | None = Field(
+        None, description="When set, every endpoint but /health requires 'Authorization: Bearer KEY'."
+    )
+    dtype: DType = Field("auto", description="Dtype the engine computes in (auto = the model's).")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length in tokens, prompt plus completion (default: the model's)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use (ignored on CPU)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Number of GPUs the model is split over.")
+    seed: int = Field(0, description="Engine seed (requests without a seed sample from it).")
+    checkpoint_root: Path | None = Field(
+        None, description="POST /weights/load only reads paths inside this folder (unset: always 403)."
+    )
+    max_upload_bytes: int = Field(
+        64 * 2**30, ge=1, description="Largest PUT /weights body accepted, in bytes (larger: 413)."
+    )
+    work_dir: Path | None = Field(
+        None, description="Folder for staged uploads and the current weights (default: a temporary one)."
+    )
+    enforce_eager: bool = Field(
+        False, description="Skip torch.compile and CUDA graphs: faster start, slower generation."
+    )
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Most sequences the engine runs at once (default: vLLM's)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")

@@ -1,0 +1,293 @@
+"""The vLLM engine and what the HTTP contract needs around it: batched generation and safe weight swaps.
+
+Consistency between generation and reloads comes from one readers-writer lock:
+
+* each ``/generate`` call holds a read lock for its whole duration and reports the version read when it
+  got the lock, so every completion of a response comes from that version's weights;
+* a reload takes the write lock: it waits for running calls to finish, holds back new ones (they then
+  run on the new weights), swaps the weights in place and lets them go.
+
+Everything slow or fallible about a reload (receiving, copying and checking the file) happens before
+the write lock is taken, so generation stops only for the swap itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from generator_server.config import ServerSettings
+from generator_server.errors import ApiError
+from generator_server.metrics import ServerMetrics
+from generator_server.rwlock import ReadersWriterLock
+from generator_server.schemas import (
+    Completion,
+    GenerateRequest,
+    GenerateResponse,
+    PromptResult,
+    TensorSpec,
+    WeightsSpec,
+    WeightsUpdate,
+)
+from generator_server.weights import (
+    FLOAT_DTYPES,
+    TensorInfo,
+    WeightStore,
+    check_compatible,
+    read_folder_tensors,
+)
+
+log = logging.getLogger(__name__)
+
+TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+class GenerationEngine:
+    """One ``vllm.v1.engine.async_llm.AsyncLLM`` serving one model folder, with versioned weights.
+
+    Build it with :meth:`start` (it takes a while: the engine loads the model and warms up)."""
+
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.model_dir = Path(settings.model).resolve()
+        self.store = WeightStore(self.model_dir, settings.work_dir, settings.max_upload_bytes)
+        self.expected = read_folder_tensors(self.model_dir)
+        """Tensor name -> dtype and shape, as in the served model folder: what a push must contain."""
+        self.optional: dict[str, TensorInfo] = {}
+        """Tensors a push may hold but need not (a tied output head, which the engine ignores)."""
+        self.version = 0
+        self.broken: str | None = None
+        """Why the engine can no longer serve, if it cannot."""
+        self._weights_lock = ReadersWriterLock()
+        self._reload_mutex = asyncio.Lock()
+        self._llm = None
+
+    @classmethod
+    async def start(cls, settings: ServerSettings, metrics: ServerMetrics) -> GenerationEngine:
+        engine = cls(settings, metrics)
+        try:
+            await asyncio.to_thread(engine._build)
+        except BaseException:
+            engine.shutdown()
+            raise
+        return engine
+
+    def _build(self) -> None:
+        """Start vLLM (blocking: run it in a thread so the HTTP server answers /health meanwhile)."""
+        import vllm
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        args = AsyncEngineArgs(
+            model=str(self.model_dir),
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            tensor_parallel_size=s.tensor_parallel_size,
+            seed=s.seed,
+            enforce_eager=s.enforce_eager,
+            max_num_seqs=s.max_num_seqs,
+            # Log-probabilities of the raw logits (before temperature, top-p and top-k): the numbers the
+            # trainer computes for the same tokens.
+            logprobs_mode="raw_logprobs",
+            disable_log_stats=True,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        model_config = self._llm.model_config
+        self.vocab_size: int = model_config.get_vocab_size()
+        self.max_model_len: int = model_config.max_model_len
+        self.served_dtype = str(model_config.dtype).removeprefix("torch.")
+        self.vllm_version: str = vllm.__version__
+        self.device: str = current_platform.device_type
+        tied = getattr(model_config.hf_text_config, "tie_word_embeddings", False)
+        if tied and TIED_HEAD not in self.expected and EMBEDDING in self.expected:
+            self.optional[TIED_HEAD] = self.expected[EMBEDDING]
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        self.store.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and self.broken is None and not self._llm.errored
+
+    # --- generation ------------------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        m, started, outcome = self.metrics, time.perf_counter(), "error"
+        try:
+            prompts = await self._prompt_token_ids(request)
+            params = self._sampling_params(request)
+            async with self._weights_lock.read():
+                version = self.version
+                outputs = await _all_or_nothing([self._generate_one(ids, params) for ids in prompts])
+            response = GenerateResponse(
+                weights_version=version,
+                results=[_prompt_result(out, request.logprobs) for out in outputs],
+            )
+            outcome = "ok"
+        except ApiError as e:
+            outcome = "rejected" if e.status_code < 500 else "error"
+            raise
+        finally:
+            m.requests.labels(outcome=outcome).inc()
+            m.generate_latency.observe(time.perf_counter() - started)
+        m.prompts.inc(len(prompts))
+        m.prompt_tokens.inc(sum(len(ids) for ids in prompts))
+        m.generated_tokens.inc(sum(len(c.token_ids) for r in response.results for c in r.completions))
+        return response
+
+    async def _prompt_token_ids(self, request: GenerateRequest) -> list[list[int]]:
+        """Token ids of every prompt, checked here so that nothing invalid reaches the engine (400)."""
+        if request.prompts is not None:
+            prompts = await asyncio.to_thread(lambda: self.tokenizer(request.prompts)["input_ids"])
+        else:
+            prompts = request.prompt_token_ids
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise ApiError(400, f"prompt {i} is empty")
+            if len(ids) >= self.max_model_len:
+                raise ApiError(
+                    400, f"prompt {i} is {len(ids)} tokens long; the model's context is {self.max_model_len} "
+                    "tokens, prompt and at least one generated token included",
+                )  # fmt: skip
+            outside = [t for t in ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise ApiError(
+                    400,
+                    f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}): {outside[:5]}",
+                )
+        return prompts
+
+    def _sampling_params(self, request: GenerateRequest):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        extra = {"top_k": request.top_k} if request.top_k > 0 else {}  # vLLM's own default is "off"
+        try:
+            return SamplingParams(
+                n=request.n,
+                # Capped at the context length: the engine stops there anyway ("length").
+                max_tokens=min(request.max_tokens, self.max_model_len),
+                min_tokens=min(request.min_tokens, self.max_model_len),
+                temperature=request.temperature,
+                top_p=request.top_p,
+                stop=request.stop,
+                seed=request.seed,
+                logprobs=0 if request.logprobs else None,  # 0: only the sampled token's
+                ignore_eos=request.ignore_eos,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+                **extra,
+            )
+        except ValueError as e:
+            raise ApiError(400, f"invalid sampling parameters: {e}") from e
+
+    async def _generate_one(self, prompt_token_ids: list[int], params):
+        final = None
+        stream = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, uuid.uuid4().hex)
+        async for output in stream:
+            final = output
+        return final
+
+    # --- weights ---------------------------------------------------------------------------------------
+    def weights_spec(self) -> WeightsSpec:
+        def dtype(info: TensorInfo) -> str:
+            return self.served_dtype if info.dtype in FLOAT_DTYPES else info.dtype
+
+        return WeightsSpec(
+            weights_version=self.version,
+            tensors={n: TensorSpec(shape=list(i.shape), dtype=dtype(i)) for n, i in self.expected.items()},
+        )
+
+    def check_version(self, version: int) -> None:
+        if version <= self.version:
+            raise ApiError(409, f"version {version} is not greater than the served version {self.version}")
+
+    async def update_weights(self, staged: Path, nbytes: int, version: int, source: str) -> WeightsUpdate:
+        """Check the staged folder, then swap it in as ``version``; ``staged`` is consumed either way."""
+        outcome = "error"
+        try:
+            found = await asyncio.to_thread(read_folder_tensors, staged)
+            check_compatible(found, self.expected, self.optional)
+            async with self._reload_mutex:  # one swap at a time; the version is final once we hold it
+                self.check_version(version)
+                staged = self.store.prepare(staged, version)
+                async with self._weights_lock.write():
+                    started = time.perf_counter()
+                    await self._swap_or_restore(staged)
+                    self.version = version
+                    seconds = time.perf_counter() - started
+                self.store.promote(staged)
+            outcome = "ok"
+        finally:
+            self.metrics.weight_loads.labels(source=source, outcome=outcome).inc()
+            if outcome != "ok":
+                self.store.discard(staged)
+        self.metrics.weight_load_seconds.observe(seconds)
+        self.metrics.weights_version.set(version)
+        log.info("serving weights version %d (%d bytes, swapped in %.3f s)", version, nbytes, seconds)
+        return WeightsUpdate(weights_version=version, bytes=nbytes, load_seconds=seconds)
+
+    async def _swap_or_restore(self, folder: Path) -> None:
+        """Reload the engine's weights from ``folder``; if that fails, reload the weights served before."""
+        try:
+            await self._reload_from(folder)
+        except Exception as error:
+            log.exception("reloading weights from %s failed; restoring version %d", folder, self.version)
+            try:
+                await self._reload_from(self.store.served_dir)
+            except Exception as restore_error:
+                self.broken = (
+                    f"weights reload failed and so did restoring the previous weights: {restore_error}"
+                )
+                log.exception(self.broken)
+                raise ApiError(500, self.broken) from error
+            raise ApiError(
+                500, f"the engine could not load the weights ({type(error).__name__}: {error}); "
+                f"still serving version {self.version}",
+            ) from error  # fmt: skip
+
+    async def _reload_from(self, folder: Path) -> None:
+        llm = self._llm
+        await llm.pause_generation()  # nothing runs (we hold the write lock); this only quiets the engine
+        try:
+            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+            await llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        finally:
+            await llm.resume_generation()
+
+
+async def _all_or_nothing(coroutines: list) -> list:
+    """Run all at once (the engine batches them); if one fails, cancel the rest and raise."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _prompt_result(output, with_logprobs: bool) -> PromptResult:
+    completions = []
+    for c in sorted(output.outputs, key=lambda c: c.index):
+        token_ids = list(c.token_ids)
+        if c.finish_reason not in ("stop", "length"):
+            raise ApiError(503, f"generation ended early ({c.finish_reason}); retry")
+        logprobs = None
+        if with_logprobs:
+            logprobs = [step[token].logprob for token, step in zip(token_ids, c.logprobs, strict=True)]
+        completions.append(
+            Completion(text=c.text, token_ids=token_ids, logprobs=logprobs, finish_reason=c.finish_reason)
+        )
+    return PromptResult(prompt_token_ids=list(output.prompt_token_ids), completions=completions)

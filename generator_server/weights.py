@@ -1,0 +1,282 @@
+"""Weights on disk: stage incoming safetensors, check them without loading a tensor, keep the served copy.
+
+A safetensors file is ``[u64 little-endian header length N][N bytes of JSON header][tensor bytes]``; the
+header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` relative to the
+start of the tensor bytes. Checking that the offsets tile the data section exactly catches truncated and
+padded files, and comparing names and shapes with the served model catches the wrong model, all before
+the engine is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from generator_server.errors import ApiError
+
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+"""Floating safetensors dtypes (the engine casts between them) and their torch names."""
+MAX_HEADER_BYTES = 100 * 2**20
+WRITE_CHUNK_BYTES = 8 * 2**20
+STAGING_PREFIX, SERVED_PREFIX = "staging-", "served-v"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    """safetensors dtype code, e.g. ``F32``."""
+    shape: tuple[int, ...]
+
+
+# --- reading and checking safetensors headers -----------------------------------------------------------
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Check a safetensors file's structure completely without reading tensor data; name -> TensorInfo."""
+    name = path.name
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ApiError(400, f"{name} is not a safetensors file: only {size} bytes")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise ApiError(
+                400, f"{name} is not a safetensors file (or is truncated): header length {header_len} "
+                f"does not fit in {size} bytes",
+            )  # fmt: skip
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"{name} is not a safetensors file: header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ApiError(400, f"{name} is not a safetensors file: header is not a JSON object")
+    header.pop("__metadata__", None)
+
+    data_bytes = size - 8 - header_len
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for tensor, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (
+                dtype in DTYPE_BYTES
+                and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(begin, int)
+                and isinstance(end, int)
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ApiError(400, f"{name}: malformed header entry for tensor '{tensor}': {entry!r:.200}")
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or begin < 0:
+            raise ApiError(
+                400, f"{name}: tensor '{tensor}' has data_offsets {[begin, end]} that do not match "
+                f"its shape {shape} and dtype {dtype}",
+            )  # fmt: skip
+        tensors[tensor] = TensorInfo(dtype, tuple(shape))
+        spans.append((begin, end, tensor))
+
+    position = 0
+    for begin, end, tensor in sorted(spans):
+        if begin != position:
+            raise ApiError(400, f"{name}: tensor '{tensor}' starts at byte {begin}, expected {position}")
+        position = end
+    if position != data_bytes:
+        what = "truncated" if position > data_bytes else "has trailing bytes"
+        raise ApiError(
+            400, f"{name} is {what}: its header describes {position} bytes of tensor data, "
+            f"the file holds {data_bytes}",
+        )  # fmt: skip
+    return tensors
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder (those the index names, if there is one)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ApiError(400, f"{index.name} is not a valid safetensors index: {e}") from e
+        return [folder / str(n) for n in names]
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+
+
+def read_folder_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """All tensors of all weight files of ``folder``; a name in two files is an error."""
+    files = safetensors_files(folder)
+    if not files:
+        raise ApiError(400, f"no .safetensors file in {folder.name or folder}")
+    tensors: dict[str, TensorInfo] = {}
+    for path in files:
+        for tensor, info in read_safetensors_header(path).items():
+            if tensor in tensors:
+                raise ApiError(400, f"tensor '{tensor}' appears in more than one file ({path.name})")
+            tensors[tensor] = info
+    return tensors
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_compatible(
+    found: dict[str, TensorInfo], expected: dict[str, TensorInfo], optional: dict[str, TensorInfo]
+) -> None:
+    """Raise 400 unless ``found`` has exactly the expected names (plus any of ``optional``) and shapes.
+
+    Dtypes may differ between floating types: the engine casts on load."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unknown = sorted(set(found) - set(expected) - set(optional))
+    if missing:
+        problems.append(f"missing tensors: {_names(missing)}")
+    if unknown:
+        problems.append(f"unknown tensors: {_names(unknown)}")
+    allowed = {**optional, **expected}
+    wrong_shape = [
+        f"'{n}' has shape {list(found[n].shape)}, expected {list(allowed[n].shape)}"
+        for n in sorted(set(found) & set(allowed))
+        if found[n].shape != allowed[n].shape
+    ]
+    if wrong_shape:
+        problems.append("wrong shapes: " + "; ".join(wrong_shape[:8]))
+    wrong_dtype = sorted(n for n in set(found) & set(allowed) if found[n].dtype not in FLOAT_DTYPES)
+    if wrong_dtype:
+        problems.append(f"tensors that are not floating point: {_names(wrong_dtype)}")
+    if problems:
+        raise ApiError(400, "weights do not match the served model: " + "; ".join(problems))
+
+
+# --- the weights folders this server owns --------------------------------------------------------------
+class WeightStore:
+    """The work folder: one staging folder per incoming push and the folder of the weights being served.
+
+    The served folder stays on disk until newer weights are in place, so a failed reload can always go
+    back to exactly the weights that were served before."""
+
+    def __init__(self, model_dir: Path, work_dir: Path | None, max_upload_bytes: int):
+        self.max_upload_bytes = max_upload_bytes
+        self._owns_work_dir = work_dir is None
+        self.work_dir = Path(tempfile.mkdtemp(prefix="generator-weights-")) if work_dir is None else work_dir
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.work_dir.iterdir():  # left over by an earlier run of a server on this work dir
+            if old.is_dir() and old.name.startswith((STAGING_PREFIX, SERVED_PREFIX)):
+                shutil.rmtree(old, ignore_errors=True)
+        self.served_dir = model_dir
+        """Folder holding the safetensors of the weights served now (at first, the model folder)."""
+
+    def new_staging_dir(self) -> Path:
+        path = self.work_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        path.mkdir()
+        return path
+
+    def discard(self, staged: Path) -> None:
+        shutil.rmtree(staged, ignore_errors=True)
+
+    def prepare(self, staged: Path, version: int) -> Path:
+        """Move checked weights to the folder they will be served from as ``version``."""
+        target = self.work_dir / f"{SERVED_PREFIX}{version}"
+        shutil.rmtree(target, ignore_errors=True)  # a failed earlier attempt at this version
+        staged.rename(target)
+        return target
+
+    def promote(self, folder: Path) -> None:
+        """``folder`` is served now; the folder served before is deleted unless it is the model folder."""
+        previous, self.served_dir = self.served_dir, folder
+        if previous.parent == self.work_dir:
+            shutil.rmtree(previous, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # --- PUT /weights: the request body, streamed to disk --------------------------------------------
+    async def receive(
+        self, chunks: AsyncIterator[bytes], content_length: int | None, sha256: str | None
+    ) -> tuple[Path, int]:
+        """Write the body to ``<staging>/model.safetensors``, hashing it on the way; (staging dir, bytes).
+
+        Never holds more than ``WRITE_CHUNK_BYTES`` of it in memory. 413 past ``max_upload_bytes``."""
+        limit = self.max_upload_bytes
+        if content_length is not None and content_length > limit:
+            raise ApiError(413, f"body of {content_length} bytes exceeds --max-upload-bytes {limit}")
+        if sha256 is not None:
+            sha256 = sha256.strip().lower()
+            if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+                raise ApiError(400, "X-Weights-SHA256 must be 64 hexadecimal digits")
+        staged = self.new_staging_dir()
+        digest, received, buffer = hashlib.sha256(), 0, bytearray()
+        try:
+            with open(staged / "model.safetensors", "wb") as f:
+
+                def write(data: bytes) -> None:
+                    digest.update(data)
+                    f.write(data)
+
+                async for chunk in chunks:
+                    received += len(chunk)
+                    if received > limit:
+                        raise ApiError(413, f"body exceeds --max-upload-bytes {limit}")
+                    buffer += chunk
+                    if len(buffer) >= WRITE_CHUNK_BYTES:
+                        await asyncio.to_thread(write, bytes(buffer))
+                        buffer.clear()
+                await asyncio.to_thread(write, bytes(buffer))
+            if content_length is not None and received != content_length:
+                raise ApiError(400, f"body ended after {received} of {content_length} bytes")
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise ApiError(
+                    400, f"SHA-256 mismatch: body hashes to {digest.hexdigest()}, X-Weights-SHA256 "
+                    f"says {sha256}",
+                )  # fmt: skip
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged, received
+
+    # --- POST /weights/load: a file or folder on this machine -------------------------------------------
+    def resolve_checkpoint(self, path: str, checkpoint_root: Path | None) -> Path:
+        """The real path of ``path`` if it lies inside ``checkpoint_root`` (403 otherwise, 404 if absent)."""
+        if checkpoint_root is None:
+            raise ApiError(403, "loading from disk is disabled: the server has no --checkpoint-root")
+        root = Path(os.path.realpath(checkpoint_root))
+        target = Path(os.path.realpath(root / path))  # an absolute ``path`` replaces the root here
+        if target != root and root not in target.parents:
+            raise ApiError(403, f"path {path!r} is outside the checkpoint root")
+        if not target.exists():
+            raise ApiError(404, f"path {path!r} does not exist under the checkpoint root")
+        return target
+
+    def copy_in(self, source: Path) -> tuple[Path, int]:
+        """Copy a .safetensors file, or a folder's weight files, into a new staging dir; (dir, bytes).
+
+        A private copy means the files checked are the files loaded, whatever happens to the source."""
+        files = safetensors_files(source) if source.is_dir() else [source]
+        if not files:
+            raise ApiError(400, f"no .safetensors file in {source.name}")
+        staged = self.new_staging_dir()
+        try:
+            total = 0
+            for file in files:
+                dest = staged / ("model.safetensors" if source.is_file() else file.name)
+                shutil.copyfile(file, dest)
+                total += dest.stat().st_size
+        except OSError as e:
+            self.discard(staged)
+            raise ApiError(400, f"could not read {source.name}: {e.strerror or e}") from e
+        return staged, total
