@@ -126,10 +126,11 @@ class GenerationEngine:
         m, started, outcome = self.metrics, time.perf_counter(), "error"
         try:
             prompts = await self._prompt_token_ids(request)
-            params = self._sampling_params(request)
+            params = [self._sampling_params(request, i) for i in range(len(prompts))]
             async with self._weights_lock.read():
                 version = self.version
-                outputs = await _all_or_nothing([self._generate_one(ids, params) for ids in prompts])
+                jobs = [self._generate_one(ids, p) for ids, p in zip(prompts, params, strict=True)]
+                outputs = await _all_or_nothing(jobs)
             response = GenerateResponse(
                 weights_version=version,
                 results=[_prompt_result(out, request.logprobs) for out in outputs],
@@ -168,11 +169,14 @@ class GenerationEngine:
                 )
         return prompts
 
-    def _sampling_params(self, request: GenerateRequest):
+    def _sampling_params(self, request: GenerateRequest, index: int):
+        """Sampling parameters of prompt ``index``: with a seed, prompt i samples with ``seed + i``, so
+        equal prompts in one batch still get independent completions."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         extra = {"top_k": request.top_k} if request.top_k > 0 else {}  # vLLM's own default is "off"
+        seed = None if request.seed is None else (request.seed + index) % 2**63
         try:
             return SamplingParams(
                 n=request.n,
@@ -182,7 +186,7 @@ class GenerationEngine:
                 temperature=request.temperature,
                 top_p=request.top_p,
                 stop=request.stop,
-                seed=request.seed,
+                seed=seed,
                 logprobs=0 if request.logprobs else None,  # 0: only the sampled token's
                 ignore_eos=request.ignore_eos,
                 output_kind=RequestOutputKind.FINAL_ONLY,

@@ -38,7 +38,12 @@ class GenerateRequest(_Request):
     top_k: int = Field(-1, ge=-1, description="Sample among the k likeliest tokens; -1 (or 0) = off.")
     min_tokens: int = Field(0, ge=0, description="Tokens generated before EOS or a stop string may end.")
     stop: list[str] | None = Field(None, description="Strings that end a completion (not included).")
-    seed: int | None = Field(None, description="Per-request sampling seed: same seed, same completions.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="Sampling seed (prompt i uses seed + i): same seed, same completions.",
+    )
     logprobs: bool = Field(False, description="Return the raw log-probability of every generated token.")
     ignore_eos: bool = Field(False, description="Keep generating past EOS until max_tokens.")
 

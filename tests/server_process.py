@@ -1,0 +1,142 @@
+"""Run a real generation server (``python -m generator_server``) as a child process for tests.
+
+    with running_server(model_dir, "--api-key", "secret") as server:
+        httpx.get(f"{server.url}/health")
+
+The server starts with ``--enforce-eager --dtype float32`` (fast start; logprobs comparable with an fp32
+transformers model) and ``VLLM_CPU_KVCACHE_SPACE=1``; flags given later override these. It runs in its
+own process group, so stopping it also stops the vLLM engine processes it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+DEFAULT_ARGS = ("--enforce-eager", "--dtype", "float32")
+START_TIMEOUT_S = 360.0
+
+
+@dataclass
+class ServerHandle:
+    url: str
+    api_key: str | None
+    proc: subprocess.Popen
+    log_path: Path
+    start_seconds: float
+    """Seconds from launch until /health answered 200."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        """An httpx client for this server, sending the API key."""
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
+
+    def weights_version(self) -> int:
+        return httpx.get(f"{self.url}/health", timeout=10.0).json()["weights_version"]
+
+    def push(self, path: str | Path, version: int, **headers: str) -> httpx.Response:
+        """``PUT /weights?version=V`` with the bytes of ``path``; header names: ``_`` becomes ``-``."""
+        extra = {k.replace("_", "-"): v for k, v in headers.items()}
+        with self.client() as client:
+            return client.put(
+                "/weights", params={"version": version}, content=Path(path).read_bytes(), headers=extra
+            )
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
+    """The last value given for ``flag`` as ``--flag V`` or ``--flag=V``."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+@contextmanager
+def running_server(
+    model_dir: str | Path,
+    *extra_args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = START_TIMEOUT_S,
+) -> Iterator[ServerHandle]:
+    """Start a server on a free port, wait for ``/health`` 200, yield its handle, stop it on exit.
+
+    ``env`` adds to (and overrides) this process's environment. Fails fast, with the end of the server
+    log, if the process exits before it is healthy."""
+    port = free_port()
+    args = (*DEFAULT_ARGS, "--host", "127.0.0.1", *extra_args, "--port", str(port))
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    api_key = _flag_value(args, "--api-key") or full_env.get("GENERATOR_API_KEY")
+    log_path = Path(tempfile.mkdtemp(prefix="generator-server-log-")) / "server.log"
+    cmd = [sys.executable, "-m", "generator_server", "--model", str(model_dir), *args]
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+    handle = ServerHandle(f"http://127.0.0.1:{port}", api_key, proc, log_path, 0.0)
+    try:
+        _wait_healthy(handle, timeout)
+        handle.start_seconds = time.monotonic() - started
+        yield handle
+    finally:
+        stop_process_group(proc)
+
+
+def _wait_healthy(handle: ServerHandle, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if handle.proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with code {handle.proc.returncode} before it was healthy; log "
+                f"{handle.log_path}:\n{handle.log_tail()}"
+            )
+        try:
+            if httpx.get(f"{handle.url}/health", timeout=5.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not healthy after {timeout:.0f} s; log:\n{handle.log_tail()}")
+        time.sleep(0.5)
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group, SIGKILL whatever is left after ``grace`` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:  # engine processes may outlive the server process
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -1,0 +1,188 @@
+"""Unit tests of the server's parts that need no engine: safetensors checks, the lock, settings, routes
+before the engine is up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+
+from generator_server.app import create_app
+from generator_server.cli import parse_settings
+from generator_server.errors import ApiError
+from generator_server.rwlock import ReadersWriterLock
+from generator_server.weights import TensorInfo, check_compatible, read_safetensors_header
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file(tensors, path)
+    return path
+
+
+def _raw_file(path: Path, header: dict, data: bytes) -> Path:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+# --- safetensors checks -----------------------------------------------------------------------------------
+def test_header_of_a_valid_file(tmp_path):
+    path = _write(
+        tmp_path / "w.safetensors", {"a": torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    )
+    assert read_safetensors_header(path) == {"a": TensorInfo("F32", (2, 3)), "b": TensorInfo("BF16", (4,))}
+
+
+@pytest.mark.parametrize("cut", [1, 7, 8, 20, -1, -8])
+def test_truncated_file_is_refused(tmp_path, cut):
+    data = _write(tmp_path / "w.safetensors", {"a": torch.zeros(16, 16)}).read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[:cut])
+    with pytest.raises(ApiError) as e:
+        read_safetensors_header(path)
+    assert e.value.status_code == 400
+
+
+def test_trailing_bytes_are_refused(tmp_path):
+    path = _write(tmp_path / "w.safetensors", {"a": torch.zeros(4)})
+    path.write_bytes(path.read_bytes() + b"\0" * 4)
+    with pytest.raises(ApiError, match="trailing bytes"):
+        read_safetensors_header(path)
+
+
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "do not match"),
+        ({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "malformed"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed"),
+        ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "malformed"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            b"\0" * 8,
+            "starts at byte",
+        ),
+        ([1, 2], b"", "not a JSON object"),
+    ],
+)
+def test_inconsistent_headers_are_refused(tmp_path, header, data, message):
+    path = _raw_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(ApiError, match=message):
+        read_safetensors_header(path)
+
+
+def test_not_json_header(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{[" + b"\0" * 8)
+    with pytest.raises(ApiError, match="not JSON"):
+        read_safetensors_header(path)
+
+
+def test_compatibility_names_every_problem():
+    expected = {"w": TensorInfo("F32", (2, 2)), "v": TensorInfo("F32", (3,)), "u": TensorInfo("F32", (1,))}
+    found = {"w": TensorInfo("BF16", (2, 2)), "v": TensorInfo("F32", (4,)), "x": TensorInfo("F32", (1,))}
+    with pytest.raises(ApiError) as e:
+        check_compatible(found, expected, optional={})
+    message = e.value.message
+    assert "missing tensors: 'u'" in message and "unknown tensors: 'x'" in message
+    assert "'v' has shape [4], expected [3]" in message
+    assert "'w'" not in message  # a different floating dtype is fine: the engine casts
+
+
+def test_compatibility_dtype_cast_and_optional_tensors():
+    expected = {"w": TensorInfo("F32", (2, 2))}
+    check_compatible({"w": TensorInfo("F16", (2, 2))}, expected, optional={})
+    optional = {"head": TensorInfo("F32", (2, 2))}
+    check_compatible({"w": TensorInfo("F32", (2, 2)), "head": TensorInfo("F32", (2, 2))}, expected, optional)
+    with pytest.raises(ApiError, match="not floating point"):
+        check_compatible({"w": TensorInfo("I64", (2, 2))}, expected, optional={})
+
+
+# --- readers-writer lock ----------------------------------------------------------------------------------
+def test_writer_waits_for_readers_and_holds_back_new_ones():
+    async def scenario() -> list[str]:
+        lock, events = ReadersWriterLock(), []
+
+        async def reader(name: str, delay: float, hold: float) -> None:
+            await asyncio.sleep(delay)
+            async with lock.read():
+                events.append(f"{name} start")
+                await asyncio.sleep(hold)
+                events.append(f"{name} end")
+
+        async def writer() -> None:
+            await asyncio.sleep(0.01)
+            async with lock.write():
+                events.append("write start")
+                await asyncio.sleep(0.05)
+                events.append("write end")
+
+        await asyncio.gather(reader("r1", 0, 0.1), writer(), reader("r2", 0.03, 0.01))
+        return events
+
+    events = asyncio.run(scenario())
+    # r1 was running: the write waits for it; r2 arrived while the write waited: it runs after the write.
+    assert events == ["r1 start", "r1 end", "write start", "write end", "r2 start", "r2 end"]
+
+
+def test_cancelled_writer_releases_held_back_readers():
+    async def scenario() -> bool:
+        lock = ReadersWriterLock()
+        async with lock.read():
+            writer = asyncio.create_task(_hold(lock.write()))
+            await asyncio.sleep(0.01)
+            writer.cancel()
+            await asyncio.sleep(0.01)
+            await asyncio.wait_for(_hold(lock.read(), seconds=0), timeout=1)
+            return True
+
+    assert asyncio.run(scenario())
+
+
+async def _hold(context, seconds: float = 10) -> None:
+    async with context:
+        await asyncio.sleep(seconds)
+
+
+# --- settings ---------------------------------------------------------------------------------------------
+def test_flags_and_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("GENERATOR_API_KEY", "from-env")
+    monkeypatch.setenv("GENERATOR_PORT", "9001")
+    settings = parse_settings(["--model", str(tmp_path), "--port", "9002", "--enforce-eager"])
+    assert settings.api_key == "from-env"  # environment fills what the flags leave out
+    assert settings.port == 9002  # a flag wins over the environment
+    assert settings.enforce_eager is True and settings.dtype == "auto"
+
+
+def test_bad_flag_value_exits_with_the_field_name(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        parse_settings(["--model", str(tmp_path), "--gpu-memory-utilization", "1.5"])
+    assert e.value.code == 2
+    assert "--gpu-memory-utilization" in capsys.readouterr().err
+
+
+# --- HTTP before the engine is up (no engine at all: the lifespan is not run) -------------------------------
+def test_health_and_generate_answer_503_until_the_engine_is_ready(tmp_path):
+    app = create_app(parse_settings(["--model", str(tmp_path)]))
+    client = TestClient(app)  # not entered as a context manager: no lifespan, so no engine
+    assert client.get("/health").status_code == 503
+    response = client.post("/generate", json={"prompts": ["hi"]})
+    assert response.status_code == 503 and "starting" in response.json()["detail"]
+
+
+def test_api_key_is_checked_before_anything_else(tmp_path):
+    app = create_app(parse_settings(["--model", str(tmp_path), "--api-key", "k"]))
+    client = TestClient(app)
+    assert client.get("/health").status_code == 503  # open, not ready
+    assert client.get("/weights").status_code == 401
+    assert client.get("/weights", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/weights", headers={"Authorization": "Bearer k"}).status_code == 503
