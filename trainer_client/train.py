@@ -272,7 +272,7 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(c.seed)
 
-    # --- setup: data, reward, models, optimizer ----------------------------------------------------------
+    # --- setup: data, reward, generation backend (reachable?), models, optimizer --------------------------
     task = load_task(c.task)
     reward_fn = build_reward(c.reward, task, device=c.device)
     sampling = dict(
@@ -281,6 +281,9 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
         top_p=c.top_p,
         stop=c.stop if c.stop is not None else task_hint(task, "stop"),
     )
+    backend = make_backend(c)
+    if hasattr(backend, "wait_until_ready"):  # fail fast, before loading models, if nobody answers
+        backend.wait_until_ready(c.connect_timeout)
     tokenizer = AutoTokenizer.from_pretrained(c.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = AutoModelForCausalLM.from_pretrained(resume or c.model, dtype=torch.float32).to(c.device)
@@ -308,9 +311,6 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
     metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
     # --- the server: same architecture? which version offset? --------------------------------------------
-    backend = make_backend(c)
-    if hasattr(backend, "wait_until_ready"):
-        backend.wait_until_ready(c.connect_timeout)
     server_version, server_tensors = backend.weights_spec()
     push_names = check_compatible(server_tensors, policy, f"the server at {c.server_url}")
     offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
@@ -447,12 +447,13 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
             flush_metrics()
             if on_step is not None:
                 on_step(record)
-            bar.update(1)
             bar.set_postfix(
                 reward=f"{record['reward_mean']:.3f}",
-                loss=f"{stats['loss']:.4f}",
+                loss=f"{stats['loss']:.4f}" if P else "n/a",
                 step_s=f"{record['wall_seconds']:.2f}",
+                refresh=False,
             )
+            bar.update(1)
             if c.log_every and step % c.log_every == 0:
                 tqdm.write(json.dumps(record))
 
