@@ -34,12 +34,21 @@ def checkpoint_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model_dir, checkpoint_root) -> Iterator[ServerHandle]:
-    """One real server (real vLLM CPU engine) on the tiny model, with an API key, for the whole session."""
+def server_work_dir(tmp_path_factory) -> Path:
+    """The shared server's --work-dir (staged uploads, served weights), so tests can see it is tidy."""
+    return tmp_path_factory.mktemp("server-work")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, checkpoint_root, server_work_dir) -> Iterator[ServerHandle]:
+    """One real server (real vLLM CPU engine) on the tiny model, with an API key, for the whole session.
+
+    Context 256 tokens, uploads up to ``MAX_UPLOAD_BYTES``, ``/weights/load`` below ``checkpoint_root``."""
     with running_server(
         tiny_model_dir,
         "--api-key", API_KEY,
         "--checkpoint-root", str(checkpoint_root),
+        "--work-dir", str(server_work_dir),
         "--max-upload-bytes", str(MAX_UPLOAD_BYTES),
         "--max-model-len", "256",
     ) as handle:  # fmt: skip
