@@ -243,7 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=StarterConfig.seed)
     parser.add_argument("--target-accuracy", type=float, default=StarterConfig.target_accuracy)
     parser.add_argument("--cache-dir", default=None, help="default: $ONLINE_DPO_CACHE or ~/.cache/online-dpo")
+    parser.add_argument("--torch-threads", type=int, default=1, help="1 is fastest on a small, busy CPU")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     cfg = StarterConfig(seed=args.seed, target_accuracy=args.target_accuracy)
     print(ensure_starter(cfg, args.cache_dir))
 

@@ -1,0 +1,136 @@
+"""``trainer-client eval``: greedy held-out reward of a model, measured through the generation server.
+
+    trainer-client eval --model DIR --task arithmetic                          # starts a server itself
+    trainer-client eval --task arithmetic --server-url http://127.0.0.1:8000  # whatever it serves now
+
+Every held-out prompt of the task goes to ``POST /generate`` in one batch with temperature 0 (greedy);
+each completion is scored with the task's reward. For a 0/1 reward such as exact match, the mean reward
+is the accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from trainer_client.client import GeneratorClient, GeneratorError
+from trainer_client.tasks import load_task, task_hint
+
+
+@dataclass
+class EvalResult:
+    task: str
+    prompts: int
+    mean_reward: float
+    """Mean task reward of the greedy completions (= accuracy for an exact-match reward)."""
+    finished: float
+    """Fraction of completions that ended with end-of-sequence (or a stop string) before the length limit."""
+    weights_version: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(client: GeneratorClient, task, max_new_tokens: int | None = None) -> EvalResult:
+    """Greedy completions of all of ``task.eval_prompts()`` from the server, scored by ``task.reward``."""
+    prompts = task.eval_prompts()
+    t0 = time.monotonic()
+    out = client.generate(
+        prompts=prompts,
+        n=1,
+        temperature=0.0,
+        max_tokens=max_new_tokens or task_hint(task, "max_new_tokens") or 64,
+        stop=task_hint(task, "stop"),
+    )
+    completions = [r.completions[0] for r in out.results]
+    rewards = [float(task.reward(p, c.text)) for p, c in zip(prompts, completions, strict=True)]
+    return EvalResult(
+        task=task.name,
+        prompts=len(prompts),
+        mean_reward=sum(rewards) / len(rewards),
+        finished=sum(c.finish_reason == "stop" for c in completions) / len(completions),
+        weights_version=out.weights_version,
+        seconds=round(time.monotonic() - t0, 3),
+    )
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain text table; ``columns`` are ``(key, header)``; floats get 3 decimals."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return "-" if v is None else str(v)
+
+    body = [[cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, (_, h) in enumerate(columns)]
+    line = "  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True))
+    rule = "  ".join("-" * w for w in widths)
+    rows_text = ["  ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join([line, rule, *rows_text])
+
+
+EVAL_COLUMNS = [
+    ("model", "model"),
+    ("task", "task"),
+    ("prompts", "prompts"),
+    ("mean_reward", "held-out reward (greedy)"),
+    ("finished", "finished"),
+    ("weights_version", "version"),
+]
+
+
+# --- command line --------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model folder; without --server-url a server is started for it")
+    parser.add_argument("--task", default="arithmetic", help="built-in task name or JSONL file")
+    parser.add_argument("--server-url", help="evaluate what this running server serves now")
+    parser.add_argument("--api-key", help="the server's API key, if it has one")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the task's hint, else 64")
+    parser.add_argument("--server-log", help="log file of the server started here (default: discarded)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Greedy held-out accuracy / mean reward of a model through the generation server, as a table."""
+    if not args.model and not args.server_url:
+        print("error: give --model DIR (a server is started for it) or --server-url URL", file=sys.stderr)
+        return 2
+    try:
+        task = load_task(args.task)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.server_url:
+            with GeneratorClient(args.server_url, api_key=args.api_key) as client:
+                result = evaluate(client, task, args.max_new_tokens)
+                label = args.model or client.health().model
+        else:
+            from trainer_client.local_server import ServerStartError, local_server
+
+            try:
+                with local_server(args.model, log_path=args.server_log) as url:
+                    with GeneratorClient(url) as client:
+                        result = evaluate(client, task, args.max_new_tokens)
+            except ServerStartError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+            label = args.model
+    except GeneratorError as e:
+        print(f"error: generation server: {e}", file=sys.stderr)
+        return 3
+    print(format_table([{"model": label, **result.as_dict()}], EVAL_COLUMNS))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trainer-client eval", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
