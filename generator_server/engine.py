@@ -34,6 +34,7 @@ from generator_server.schemas import (
 )
 from generator_server.weights import (
     FLOAT_DTYPES,
+    TORCH_NAMES,
     TensorInfo,
     WeightStore,
     check_compatible,
@@ -205,7 +206,7 @@ class GenerationEngine:
     # --- weights ---------------------------------------------------------------------------------------
     def weights_spec(self) -> WeightsSpec:
         def dtype(info: TensorInfo) -> str:
-            return self.served_dtype if info.dtype in FLOAT_DTYPES else info.dtype
+            return self.served_dtype if info.dtype in FLOAT_DTYPES else TORCH_NAMES[info.dtype]
 
         return WeightsSpec(
             weights_version=self.version,

@@ -28,8 +28,13 @@ DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
-FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-"""Floating safetensors dtypes (the engine casts between them) and their torch names."""
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+"""Floating safetensors dtypes: the engine casts between them."""
+TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32",
+    "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
+}  # fmt: skip
 MAX_HEADER_BYTES = 100 * 2**20
 WRITE_CHUNK_BYTES = 8 * 2**20
 STAGING_PREFIX, SERVED_PREFIX = "staging-", "served-v"
@@ -139,7 +144,7 @@ def check_compatible(
 ) -> None:
     """Raise 400 unless ``found`` has exactly the expected names (plus any of ``optional``) and shapes.
 
-    Dtypes may differ between floating types: the engine casts on load."""
+    Floating dtypes may differ (the engine casts on load); any other dtype must match."""
     problems = []
     missing = sorted(set(expected) - set(found))
     unknown = sorted(set(found) - set(expected) - set(optional))
@@ -155,9 +160,16 @@ def check_compatible(
     ]
     if wrong_shape:
         problems.append("wrong shapes: " + "; ".join(wrong_shape[:8]))
-    wrong_dtype = sorted(n for n in set(found) & set(allowed) if found[n].dtype not in FLOAT_DTYPES)
+    wrong_dtype = sorted(
+        n
+        for n in set(found) & set(allowed)
+        if found[n].dtype != allowed[n].dtype and not {found[n].dtype, allowed[n].dtype} <= FLOAT_DTYPES
+    )
     if wrong_dtype:
-        problems.append(f"tensors that are not floating point: {_names(wrong_dtype)}")
+        problems.append(
+            "wrong dtypes (floating point tensors may differ in precision, others must match): "
+            + "; ".join(f"'{n}' is {found[n].dtype}, expected {allowed[n].dtype}" for n in wrong_dtype[:8])
+        )
     if problems:
         raise ApiError(400, "weights do not match the served model: " + "; ".join(problems))
 

@@ -223,7 +223,7 @@ def _integer(tensors):
         ),
         (_add, "unknown tensors: 'model.layers.2.mlp.up_proj.weight'"),
         (_reshape, "'model.layers.1.mlp.up_proj.weight' has shape [255, 128], expected [256, 128]"),
-        (_integer, "not floating point: 'model.norm.weight'"),
+        (_integer, "'model.norm.weight' is I64, expected F32"),
     ],
 )
 def test_incompatible_weights_are_refused(

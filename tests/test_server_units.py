@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 
 from generator_server.app import create_app
 from generator_server.cli import parse_settings
+from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
+from generator_server.metrics import ServerMetrics
 from generator_server.rwlock import ReadersWriterLock
 from generator_server.weights import TensorInfo, check_compatible, read_safetensors_header
 
@@ -103,7 +105,7 @@ def test_compatibility_dtype_cast_and_optional_tensors():
     check_compatible({"w": TensorInfo("F16", (2, 2))}, expected, optional={})
     optional = {"head": TensorInfo("F32", (2, 2))}
     check_compatible({"w": TensorInfo("F32", (2, 2)), "head": TensorInfo("F32", (2, 2))}, expected, optional)
-    with pytest.raises(ApiError, match="not floating point"):
+    with pytest.raises(ApiError, match="'w' is I64, expected F32"):
         check_compatible({"w": TensorInfo("I64", (2, 2))}, expected, optional={})
 
 
@@ -186,3 +188,71 @@ def test_api_key_is_checked_before_anything_else(tmp_path):
     assert client.get("/weights").status_code == 401
     assert client.get("/weights", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/weights", headers={"Authorization": "Bearer k"}).status_code == 503
+
+
+# --- a reload the engine itself fails (a fake engine: vLLM does not fail on checked files) ---------------
+class FakeReloadEngine:
+    """Fake stand-in for AsyncLLM with just the reload calls; fails to load folders whose path contains any
+    of ``fail_for``."""
+
+    errored = False
+
+    def __init__(self, fail_for: list[str]):
+        self.fail_for = fail_for
+        self.loaded: list[str] = []
+        self.paused = False
+
+    async def pause_generation(self) -> None:
+        self.paused = True
+
+    async def resume_generation(self) -> None:
+        self.paused = False
+
+    async def reset_prefix_cache(self) -> None:
+        pass
+
+    async def collective_rpc(self, method: str, kwargs: dict) -> None:
+        assert method == "reload_weights" and self.paused
+        path = kwargs["weights_path"]
+        if any(f in path for f in self.fail_for):
+            raise RuntimeError(f"cannot load {path}")
+        self.loaded.append(path)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_failed_engine_reload_restores_the_weights_served_before(tmp_path):
+    model_dir, work_dir = tmp_path / "model", tmp_path / "work"
+    model_dir.mkdir()
+    _write(model_dir / "model.safetensors", {"w": torch.zeros(2, 2)})
+    engine = GenerationEngine(
+        parse_settings(["--model", str(model_dir), "--work-dir", str(work_dir)]), ServerMetrics()
+    )
+    fake = engine._llm = FakeReloadEngine(fail_for=["served-v1"])
+
+    def staged(value: float) -> Path:
+        folder = engine.store.new_staging_dir()
+        _write(folder / "model.safetensors", {"w": torch.full((2, 2), value)})
+        return folder
+
+    async def scenario() -> None:
+        with pytest.raises(ApiError) as e:
+            await engine.update_weights(staged(1.0), 10, version=1, source="upload")
+        assert e.value.status_code == 500 and "still serving version 0" in e.value.message
+        assert engine.version == 0 and fake.loaded == [str(model_dir.resolve())]  # the model folder again
+        assert list(work_dir.iterdir()) == [] and not fake.paused
+
+        fake.fail_for = ["served-v3"]
+        await engine.update_weights(staged(2.0), 10, version=2, source="upload")
+        with pytest.raises(ApiError):
+            await engine.update_weights(staged(3.0), 10, version=3, source="upload")
+        assert engine.version == 2 and fake.loaded[-1] == str(work_dir / "served-v2")
+        assert [p.name for p in work_dir.iterdir()] == ["served-v2"]
+
+        fake.fail_for = ["served-v4", "served-v2"]  # and restoring fails too: the server stops serving
+        with pytest.raises(ApiError, match="restoring the previous weights"):
+            await engine.update_weights(staged(4.0), 10, version=4, source="upload")
+        assert not engine.ready
+
+    asyncio.run(scenario())
