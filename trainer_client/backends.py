@@ -9,13 +9,11 @@ process, weights handed over in memory) can implement the same methods and be re
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from trainer_client.client import (
     Completion,
-    GenerateResponse,
     GeneratorClient,
     GeneratorUnavailable,
     StaleVersionError,
@@ -28,8 +26,7 @@ class GenerationBatch:
     """``n`` completions for each prompt, all sampled from the weights of ``weights_version``."""
 
     weights_version: int
-    """The backend's version of the weights that sampled this batch (the oldest, if its prompts were
-    sampled by different versions)."""
+    """The backend's version of the weights that sampled this batch."""
     prompts: list[str]
     prompt_token_ids: list[list[int]]  # (B, prompt_len_i)
     completions: list[list[Completion]]  # (B, n): token_ids, text, finish_reason, logprobs
@@ -64,15 +61,11 @@ class GenerationBackend(Protocol):
 
 
 class ServerBackend:
-    """Generation over HTTP by a running generation server.
+    """Generation over HTTP by a running generation server (the whole batch in one request; with a seed,
+    the server samples prompt ``i`` with ``seed + i``)."""
 
-    With a seed, each prompt is sent as its own request, all at once (the engine batches them), with the
-    seed ``seed + i`` for prompt ``i``: one seed for the whole batch would give every prompt the same
-    random stream, i.e. correlated samples across prompts."""
-
-    def __init__(self, client: GeneratorClient, max_concurrency: int = 64):
+    def __init__(self, client: GeneratorClient):
         self.client = client
-        self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
 
     def wait_until_ready(self, timeout: float) -> None:
         self.client.wait_until_ready(timeout=timeout)
@@ -85,23 +78,15 @@ class ServerBackend:
         return self.client.health().weights_version
 
     def generate(self, prompts, n, max_tokens, temperature, seed, top_p=1.0, stop=None, logprobs=False):
-        def request(prompts: list[str], seed: int | None) -> GenerateResponse:
-            return self.client.generate(
-                prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                stop=stop, seed=seed, logprobs=logprobs,
-            )  # fmt: skip
-
-        if seed is None:
-            outs = [request(list(prompts), None)]
-        else:
-            seeds = [(seed + i) % 2**31 for i in range(len(prompts))]
-            outs = list(self.pool.map(lambda ps: request([ps[0]], ps[1]), zip(prompts, seeds, strict=True)))
-        results = [r for out in outs for r in out.results]
+        out = self.client.generate(
+            prompts=list(prompts), n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            stop=stop, seed=seed, logprobs=logprobs,
+        )  # fmt: skip
         return GenerationBatch(
-            weights_version=min(out.weights_version for out in outs),
+            weights_version=out.weights_version,
             prompts=list(prompts),
-            prompt_token_ids=[r.prompt_token_ids for r in results],
-            completions=[r.completions for r in results],
+            prompt_token_ids=[r.prompt_token_ids for r in out.results],
+            completions=[r.completions for r in out.results],
         )
 
     def push(self, state_dict, version):
@@ -114,7 +99,6 @@ class ServerBackend:
             raise
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
 

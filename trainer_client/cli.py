@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 SUBCOMMANDS: dict[str, str] = {
@@ -51,10 +52,23 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail(f"bad config: {e}", EXIT_CONFIG)
 
-    from trainer_client.client import GeneratorError
+    from trainer_client.client import GeneratorClient, GeneratorError
+
+    if config.mode == "server":  # fail fast, before torch is imported, if the server is not usable
+        try:
+            with GeneratorClient(
+                config.server_url, config.api_key, config.request_timeout, max_retries=1
+            ) as client:
+                client.wait_until_ready(config.connect_timeout)
+                client.weights_spec()  # also checks the API key
+        except GeneratorError as e:
+            return fail(f"generation server: {e}", EXIT_SERVER)
+
     from trainer_client.colocate import ColocateError
     from trainer_client.train import IncompatibleServerError, run_training
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     try:
         summary = run_training(config, resume=args.resume)
     except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as e:

@@ -41,8 +41,9 @@ class TrainConfig(BaseModel):
     """Bearer token of the server (its --api-key); default: none."""
     request_timeout: float = Field(600.0, gt=0)
     """Seconds one HTTP request may take (a generate of a whole batch, a weight push)."""
-    max_retries: int = Field(5, ge=0)
-    """Retries of a request after a connection error, timeout or 5xx, with exponential backoff."""
+    max_retries: int = Field(10, ge=0)
+    """Retries of a request after a connection error, timeout or 5xx, with exponential backoff from 0.5 s
+    up to 10 s apart (10 retries: about 1.5 minutes, enough for a small server to restart)."""
     connect_timeout: float = Field(60.0, gt=0)
     """Seconds to wait at start-up for the server to answer /health before giving up."""
     colocate_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)

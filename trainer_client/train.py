@@ -16,7 +16,8 @@ metrics whatever the server's history.
 
 Threads:
     producer (generate batch s, after the push it needs)  -> queue ->  trainer (score, pair, loss, step)
-    trainer (snapshot of version s)  -> pusher (PUT /weights in order; writes metrics line s when done)
+    trainer (snapshot of version s)  -> pusher (PUT /weights in order)
+The metrics line of step s is written once version s is served (it reports the push time too).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from trainer_client.backends import GenerationBackend, GenerationBatch, make_backend
 from trainer_client.checkpoint import checkpoint_dir, load_trainer_state, save_checkpoint
@@ -109,17 +111,19 @@ class Pusher:
         self.thread = threading.Thread(target=self._run, name="pusher", daemon=True)
         self.thread.start()
 
-    def push_now(self, version: int, snapshot: dict) -> float:
-        """Push ``snapshot`` as policy ``version`` from the calling thread; returns the seconds it took."""
+    def push_now(self, version: int, snapshot: dict, record: dict | None = None) -> None:
+        """Push ``snapshot`` as policy ``version`` from the calling thread (``record["push_seconds"]`` is set
+        before anyone learns that the version is served)."""
         t0 = time.monotonic()
         with self.push_lock:
             self.backend.push(snapshot, version + self.offset)
             self.latest = (version, snapshot)
             self.server_version = version + self.offset
+        if record is not None:
+            record["push_seconds"] = round(time.monotonic() - t0, 4)
         with self.cond:
             self.served = max(self.served, version)
             self.cond.notify_all()
-        return time.monotonic() - t0
 
     def repush_latest(self) -> None:
         """After a server restart: put the last pushed weights back (a restarted server serves version 0)."""
@@ -143,13 +147,22 @@ class Pusher:
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
-            raise RuntimeError(f"pushing weights failed: {self.error}") from self.error
+            raise self.error
 
     def close(self) -> None:
         """Wait until every submitted snapshot is pushed."""
         self._put(None)
         self.thread.join()
         self.raise_if_failed()
+
+    def abort(self) -> None:
+        """Let the thread end after its current push (whatever else is queued is dropped)."""
+        while True:
+            try:
+                self.todo.get_nowait()
+            except queue.Empty:
+                break
+        self.todo.put_nowait(None)
 
     def _put(self, item) -> None:
         while True:
@@ -161,9 +174,8 @@ class Pusher:
 
     def _run(self) -> None:
         while (item := self.todo.get()) is not None:
-            version, snapshot, record = item
             try:
-                record["push_seconds"] = round(self.push_now(version, snapshot), 4)
+                self.push_now(*item)
             except BaseException as e:  # noqa: BLE001 - handed to the training thread
                 with self.cond:
                     self.error = e
@@ -175,13 +187,8 @@ class Producer:
     """Generates the batches of steps ``first..last`` in order, each after the push it needs is served."""
 
     def __init__(self, config: TrainConfig, task, backend, pusher: Pusher, first: int, last: int, sampling):
-        self.config, self.task, self.backend, self.pusher, self.sampling = (
-            config,
-            task,
-            backend,
-            pusher,
-            sampling,
-        )
+        self.config, self.task, self.sampling = config, task, sampling
+        self.backend, self.pusher = backend, pusher
         self.steps = range(first, last + 1)
         self.batches: queue.Queue[Batch] = queue.Queue()
         self.stop = threading.Event()
@@ -271,6 +278,7 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
     out = Path(c.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(c.seed)
+    hf_logging.disable_progress_bar()  # ours is the only progress bar (no "Loading weights" bars)
 
     # --- setup: data, reward, generation backend (reachable?), models, optimizer --------------------------
     task = load_task(c.task)
@@ -327,7 +335,7 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
             start_step,
             start_step + offset,
         )
-        pusher.push_now(start_step, snapshot())
+        pusher.push_now(start_step, snapshot())  # before the producer starts: it needs this version
     producer = Producer(c, task, backend, pusher, start_step + 1, c.steps, sampling)
 
     # metrics lines are written in step order, each once its push is done (it carries push_seconds)
@@ -369,44 +377,39 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
             # --- 3. DPO loss on the pairs and one optimizer step --------------------------------------------
             P = len(pairs)
             stats = dict(loss=0.0, margin=0.0, accuracy=0.0, kl_sum=0.0, kl_tokens=0)
+            optimizer.zero_grad(set_to_none=True)
+            mb = c.micro_batch_size or max(P, 1)
+            for i in range(0, P, mb):  # micro-batches of pairs; gradients accumulate
+                chunk = pairs[i : i + mb]
+                m = len(chunk)
+                prompt_ids = [samples.prompt_token_ids[b] for b, _, _ in chunk] * 2
+                completion_ids = [samples.completions[b][kc].token_ids for b, kc, _ in chunk] + [
+                    samples.completions[b][kr].token_ids for b, _, kr in chunk
+                ]  # chosen rows then rejected rows: (2m,)
+                input_ids, attention_mask, completion_mask = (
+                    t.to(c.device) for t in collate(prompt_ids, completion_ids, pad_id)
+                )  # (2m, T)
+                policy_tok = token_logps(policy, input_ids, attention_mask) * completion_mask  # (2m, T)
+                with torch.no_grad():
+                    ref_tok = token_logps(reference, input_ids, attention_mask) * completion_mask  # (2m, T)
+                policy_logps, ref_logps = policy_tok.sum(-1), ref_tok.sum(-1)  # (2m,)
+                chosen_logps, rejected_logps = policy_logps[:m], policy_logps[m:]  # (m,)
+                ref_chosen_logps, ref_rejected_logps = ref_logps[:m], ref_logps[m:]  # (m,)
+                losses = dpo_loss(
+                    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c.beta, c.loss
+                )
+                (losses.sum() / P).backward()  # the mean over all P pairs
+                with torch.no_grad():
+                    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (m,)
+                    stats["loss"] += losses.sum().item() / P
+                    stats["margin"] += h.sum().item() / P
+                    stats["accuracy"] += (h > 0).sum().item() / P
+                    stats["kl_sum"] += (policy_tok - ref_tok).sum().item()  # of log pi - log pi_ref
+                    stats["kl_tokens"] += int(completion_mask.sum().item())
             grad_norm = None
-            if P:
-                optimizer.zero_grad(set_to_none=True)
-                mb = c.micro_batch_size or P
-                for i in range(0, P, mb):
-                    chunk = pairs[i : i + mb]
-                    m = len(chunk)
-                    prompt_ids = [samples.prompt_token_ids[b] for b, _, _ in chunk] * 2
-                    completion_ids = [samples.completions[b][kc].token_ids for b, kc, _ in chunk] + [
-                        samples.completions[b][kr].token_ids for b, _, kr in chunk
-                    ]  # chosen rows then rejected rows: (2m,)
-                    input_ids, attention_mask, completion_mask = (
-                        t.to(c.device) for t in collate(prompt_ids, completion_ids, pad_id)
-                    )  # (2m, T)
-                    policy_tok = token_logps(policy, input_ids, attention_mask) * completion_mask  # (2m, T)
-                    with torch.no_grad():
-                        ref_tok = (
-                            token_logps(reference, input_ids, attention_mask) * completion_mask
-                        )  # (2m, T)
-                    policy_logps, ref_logps = policy_tok.sum(-1), ref_tok.sum(-1)  # (2m,)
-                    chosen_logps, rejected_logps = policy_logps[:m], policy_logps[m:]  # (m,)
-                    ref_chosen_logps, ref_rejected_logps = ref_logps[:m], ref_logps[m:]  # (m,)
-                    losses = dpo_loss(
-                        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c.beta, c.loss
-                    )
-                    (losses.sum() / P).backward()  # mean over all P pairs, accumulated over micro-batches
-                    with torch.no_grad():
-                        h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (m,)
-                        stats["loss"] += losses.sum().item() / P
-                        stats["margin"] += h.sum().item() / P
-                        stats["accuracy"] += (h > 0).sum().item() / P
-                        stats["kl_sum"] += (
-                            (policy_tok - ref_tok).sum().item()
-                        )  # log pi - log pi_ref per token
-                        stats["kl_tokens"] += int(completion_mask.sum().item())
-                if c.max_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm).item()
-                optimizer.step()
+            if P and c.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm).item()
+            optimizer.step()  # without pairs no parameter has a gradient: the weights stay as they are
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
 
@@ -472,6 +475,7 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
         flush_metrics()
     finally:
         producer.stop.set()
+        pusher.abort()
         bar.close()
         metrics_file.close()
         backend.close()
