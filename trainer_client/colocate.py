@@ -22,9 +22,10 @@ Everything needed for vLLM to share one device with a training process lives her
   weights).
 - **Side effects on the trainer.** Building a vLLM CPU worker re-seeds torch's global RNG, drops torch to
   one intra-op thread and replaces ``torch.set_num_threads`` by a no-op; we undo all three so the trainer
-  computes and draws random numbers exactly as it would without the engine. Generation always runs with
-  per-request seeds (drawn from a private RNG when the caller passes none) so it never consumes the
-  trainer's global RNG stream.
+  computes and draws random numbers exactly as it would without the engine. Generation runs with per-request
+  seeds (drawn from a private RNG when the caller passes none), and torch's global RNG state, which vLLM's
+  sampler draws from anyway, is restored after every generation, so the trainer's random stream is the
+  same as without the engine.
 
 ``generate`` answers like the server's ``POST /generate``: raw log-probabilities (the model's
 log-softmax at temperature 1, before top-p/top-k), ``finish_reason`` ``stop`` or ``length``, and the
@@ -104,6 +105,20 @@ def _trainer_state_preserved():
             torch.cuda.set_rng_state_all(cuda_state)
 
 
+@contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _check_device(device: str) -> str:
     kind, _, index = device.partition(":")
     if kind == "cpu":
@@ -177,14 +192,19 @@ class ColocatedEngine:
         self.llm = self._build()
 
     def _build(self):
-        # Both switches must be in the environment before vLLM reads them (engine construction).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM reads these while it builds the engine (and then caches its environment for the process);
+        # they are set only meanwhile, so that processes started later do not inherit them.
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if self.device == "cpu":
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.kv_cache_gib)
-        with _trainer_state_preserved():
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.kv_cache_gib)
+        with _environment(env), _trainer_state_preserved():
             import vllm
+            import vllm.envs
             from vllm import LLM
             from vllm.platforms import current_platform
+
+            if hasattr(vllm.envs, "disable_envs_cache"):  # an earlier engine may have frozen the old values
+                vllm.envs.disable_envs_cache()
 
             for api in ("collective_rpc", "sleep", "wake_up", "reset_prefix_cache"):
                 if not hasattr(LLM, api):
@@ -235,6 +255,7 @@ class ColocatedEngine:
         ignore_eos: bool = False,
     ) -> GenerateResponse:
         """The server's ``POST /generate``, answered in process (same arguments, same response)."""
+        import torch
         from vllm import SamplingParams
 
         if (prompts is None) == (prompt_token_ids is None):
@@ -253,7 +274,11 @@ class ColocatedEngine:
                 logprobs=0 if logprobs else None,
             )  # fmt: skip
             self._wake()
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            # vLLM's sampler draws from torch's global generator even for seeded requests; in this process
+            # that is the trainer's, so it is put back as it was.
+            cuda = [torch.cuda.current_device()] if self.device == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                outputs = self.llm.generate(inputs, params, use_tqdm=False)
             version = self.weights_version
             self._sleep()
         results = []
