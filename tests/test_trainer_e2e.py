@@ -1,0 +1,308 @@
+"""The trainer end to end against the real generation server (real vLLM CPU engine, real HTTP).
+
+Uses the session's shared ``server`` (tests/conftest.py) on the tiny model. Its samples are noise, so the
+task is a JSONL of prompts with the built-in ``length`` reward (characters / 100): every prompt's K
+samples differ in length, so every step has pairs. The server's history is unknown to these tests (other
+modules push weights too); the trainer copes with that by pushing its policy first (version offset), and
+the assertions use policy versions plus the offset the run reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from server_process import free_port, running_server
+
+from trainer_client.backends import ServerBackend
+from trainer_client.client import GeneratorClient
+from trainer_client.config import TrainConfig
+from trainer_client.dpo import collate, token_logps
+from trainer_client.train import run_training
+
+STEPS = 5
+REQUIRED_KEYS = {
+    "step", "batch_weights_version", "staleness", "reward_mean", "reward_chosen", "reward_rejected", "loss",
+    "kl", "gen_seconds", "train_seconds", "push_seconds", "wall_seconds",
+}  # fmt: skip
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def length_task(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("task") / "count.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(40)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_config(server, tiny_model_dir, length_task) -> dict:
+    return dict(
+        model=str(tiny_model_dir),
+        server_url=server.url,
+        api_key=server.api_key,
+        task=str(length_task),
+        reward="length",
+        steps=STEPS,
+        batch_size=4,
+        samples_per_prompt=4,
+        max_new_tokens=24,
+        learning_rate=1e-3,
+        beta=0.1,
+        progress_bar=False,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def async_run(base_config, tmp_path_factory):
+    """One run with max_staleness 1; records every PUT /weights the trainer made (a spy on the real push)."""
+    pushed: list[int] = []
+    real_push = ServerBackend.push
+
+    def spy(self, state_dict, version):
+        out = real_push(self, state_dict, version)
+        pushed.append(version)
+        return out
+
+    out_dir = tmp_path_factory.mktemp("async")
+    config = TrainConfig(**base_config, max_staleness=1, output_dir=str(out_dir))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ServerBackend, "push", spy)
+        summary = run_training(config)
+    return summary, read_metrics(out_dir), pushed
+
+
+def test_run_completes_and_logs_every_step(async_run):
+    summary, records, _ = async_run
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for r in records:
+        assert REQUIRED_KEYS <= r.keys()
+        assert r["pairs"] + r["skipped_ties"] == 4
+        assert r["pairs"] > 0 and r["loss"] > 0 and r["reward_chosen"] > r["reward_rejected"]
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1 trains the reference itself
+    assert Path(summary["final_checkpoint"], "model.safetensors").is_file()
+
+
+def test_server_version_advances_every_step(async_run, server):
+    summary, records, pushed = async_run
+    offset = summary["version_offset"]
+    # an initial push of the untrained policy only when the server did not start at version 0
+    steps_pushed = pushed[1:] if offset else pushed
+    assert steps_pushed == [step + offset for step in range(1, STEPS + 1)]
+    assert server.weights_version() == summary["server_version"] == STEPS + offset
+
+
+def test_staleness_bounded_and_generation_overlapped(async_run):
+    _, records, _ = async_run
+    assert all(0 <= r["staleness"] <= 1 for r in records)
+    assert all(r["batch_weights_version"] == r["step"] - 1 - r["staleness"] for r in records)
+    # the producer generated a later batch while the trainer trained on an earlier one
+    hidden = [r["overlap_seconds"] / r["gen_seconds"] for r in records[1:] if r["gen_seconds"] > 0]
+    assert max(hidden) > 0.5, records
+
+
+def test_pushed_weights_are_the_trained_ones(async_run, server, tiny_model_dir):
+    """Logprobs the server reports for its samples equal the trainer's own under the final checkpoint."""
+    summary, _, _ = async_run
+    with GeneratorClient(server.url, api_key=server.api_key) as client:
+        assert client.health().weights_version == summary["server_version"]
+        out = client.generate(
+            prompts=["Count to 3:", "Count to 11:"], n=2, max_tokens=12, seed=7, logprobs=True
+        )
+    prompts, completions, served = [], [], []
+    for result in out.results:
+        for c in result.completions:
+            prompts.append(result.prompt_token_ids)
+            completions.append(c.token_ids)
+            served.append(torch.tensor(c.logprobs))
+    input_ids, attention_mask, _ = collate(prompts, completions, pad_id=0)
+
+    def max_diff(model_dir) -> float:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ours = token_logps(model, input_ids, attention_mask)  # (B, T)
+        return max(
+            (ours[i, len(p) : len(p) + len(c)] - s).abs().max().item()
+            for i, (p, c, s) in enumerate(zip(prompts, completions, served, strict=True))
+        )
+
+    assert max_diff(summary["final_checkpoint"]) < 1e-3
+    assert max_diff(tiny_model_dir) > 1e-2  # and they are not the initial weights
+
+
+@pytest.fixture(scope="module")
+def sync_run(base_config, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("sync")
+    config = dict(base_config, max_staleness=0, steps=4, checkpoint_every=2, output_dir=str(out_dir))
+    run_training(TrainConfig(**config))
+    return config, read_metrics(out_dir)
+
+
+def test_synchronous_run_is_on_policy(sync_run):
+    _, records = sync_run
+    assert [r["staleness"] for r in records] == [0, 0, 0, 0]
+    assert all(r["overlap_seconds"] == 0 for r in records)
+
+
+def test_resume_gives_the_same_metrics(sync_run, tmp_path):
+    """Resume from the step-2 checkpoint (through the CLI, into the same output_dir): the metrics file ends
+    up as the uninterrupted run wrote it, timings aside."""
+    config, uninterrupted = sync_run
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    checkpoint = Path(config["output_dir"]) / "checkpoint-000002"
+    command = ["train", "--config", str(config_path), "--resume", str(checkpoint)]
+    proc = subprocess.run([sys.executable, "-m", "trainer_client", *command], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read_metrics(Path(config["output_dir"]))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert without_timings(resumed) == without_timings(uninterrupted)
+
+
+class SwitchableProxy:
+    """A small HTTP forwarder in front of a generation server, so that one address can start answering from
+    another server, as a restarted server would. ``restart_after_put(V, url)``: once a ``PUT /weights`` of
+    version V has succeeded, forward everything to ``url`` from then on, and answer the next
+    ``unavailable`` requests with 503 first (a server that is still starting)."""
+
+    def __init__(self, target: str):
+        self.target, self.switch, self.unavailable = target, None, 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if proxy.unavailable > 0:
+                    proxy.unavailable -= 1
+                    status, content, kind = 503, b'{"detail": "the engine is starting"}', "application/json"
+                else:
+                    skip = {"host", "content-length", "connection", "transfer-encoding"}
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                    r = httpx.request(
+                        self.command, proxy.target + self.path, content=body, headers=headers, timeout=300
+                    )
+                    status, content, kind = (
+                        r.status_code,
+                        r.content,
+                        r.headers.get("content-type", "text/plain"),
+                    )
+                    if self.command == "PUT" and status == 200 and proxy.switch:
+                        version, url = proxy.switch
+                        if f"version={version}" in self.path:
+                            proxy.target, proxy.switch, proxy.unavailable = url, None, 2
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = forward
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def restart_after_put(self, version: int, url: str) -> None:
+        self.switch = (version, url)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.slow  # starts a second server
+def test_server_restart_mid_run(sync_run, server, tiny_model_dir, tmp_path, caplog):
+    """The server goes away after the push of step 2 and comes back fresh (version 0, initial weights): the
+    trainer retries, notices the version went back, pushes its weights again and carries on, and the run
+    writes the same metrics as the uninterrupted one."""
+    config, uninterrupted = sync_run
+    v0 = server.weights_version()
+    offset = 0 if v0 == 0 else v0 + 1  # what the trainer will choose (see trainer_client/train.py)
+    proxy = SwitchableProxy(server.url)
+    try:
+        with running_server(tiny_model_dir, "--api-key", server.api_key) as fresh:
+            proxy.restart_after_put(2 + offset, fresh.url)
+            run_config = dict(config, server_url=proxy.url, output_dir=str(tmp_path), checkpoint_every=0)
+            with caplog.at_level(logging.WARNING, logger="trainer_client"):
+                summary = run_training(TrainConfig(**run_config))
+            assert fresh.weights_version() == summary["server_version"] == 4 + offset
+    finally:
+        proxy.close()
+    assert proxy.switch is None  # the restart did happen
+    assert any("server restarted" in r.getMessage() for r in caplog.records)
+    assert without_timings(read_metrics(tmp_path)) == without_timings(uninterrupted)
+
+
+def run_cli(*overrides: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "trainer_client", "train"]
+    for item in overrides:
+        args += ["--set", item]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+def one_layer_copy(model_dir: Path, out: Path) -> Path:
+    """The tiny model with its second layer removed: same tokenizer, different architecture."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(out / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".layers.1." not in k}, out / "model.safetensors")
+    return out
+
+
+def test_wrong_server_model_is_a_clear_error(server, tiny_model_dir, length_task, tmp_path):
+    other = one_layer_copy(tiny_model_dir, tmp_path / "one-layer")
+    proc = run_cli(
+        f"model={other}", f"server_url={server.url}", f"api_key={server.api_key}", f"task={length_task}",
+        "reward=length", f"output_dir={tmp_path / 'out'}", "progress_bar=false",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: wrong server model:") and "missing in the policy: model.layers.1." in last
+
+
+def test_unreachable_server_is_a_clear_error(tiny_model_dir, length_task, tmp_path):
+    proc = run_cli(
+        f"model={tiny_model_dir}", f"server_url=http://127.0.0.1:{free_port()}", f"task={length_task}",
+        "reward=length", "connect_timeout=1", f"output_dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: generation server:") and "ConnectError" in lines[0]
+
+
+def test_wrong_api_key_is_a_clear_error(server, tiny_model_dir, length_task, tmp_path):
+    proc = run_cli(
+        f"model={tiny_model_dir}", f"server_url={server.url}", "api_key=wrong", f"task={length_task}",
+        "reward=length", f"output_dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "401" in proc.stderr.strip().splitlines()[-1]
