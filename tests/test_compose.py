@@ -47,6 +47,8 @@ API_KEY = "31415926535897932384"
 """Digits only: YAML reads it as an int unless the entrypoint quotes it for ``--set api_key=...``."""
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD", re.I)
 STEPS = 2
+START_TIMEOUT_S = 900.0
+"""Generous: on a 2-core machine that other jobs keep busy, the CPU engine took 450 s to start."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -505,8 +507,8 @@ def cpu_stack(tmp_path_factory):
             assert proc.poll() is None, (
                 f"generator exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}"
             )
-            waited = time.monotonic() - started
-            assert waited < 480, f"not healthy:\n{check.stderr[-500:]}\n{log_path.read_text()[-4000:]}"
+            tail = f"{check.stderr[-500:]}\n{log_path.read_text()[-4000:]}"
+            assert time.monotonic() - started < START_TIMEOUT_S, f"not healthy:\n{tail}"
             time.sleep(2)
         print(f"\ngenerator-cpu healthy after {time.monotonic() - started:.0f} s (log {log_path})")
         yield dict(
