@@ -55,9 +55,9 @@ class GenerationEngine:
         self.settings = settings
         self.metrics = metrics
         self.model_dir = Path(settings.model).resolve()
-        self.store = WeightStore(self.model_dir, settings.work_dir, settings.max_upload_bytes)
         self.expected = read_folder_tensors(self.model_dir)
         """Tensor name -> dtype and shape, as in the served model folder: what a push must contain."""
+        self.store = WeightStore(self.model_dir, settings.work_dir, settings.max_upload_bytes)
         self.optional: dict[str, TensorInfo] = {}
         """Tensors a push may hold but need not (a tied output head, which the engine ignores)."""
         self.version = 0
@@ -100,17 +100,22 @@ class GenerationEngine:
             logprobs_mode="raw_logprobs",
             disable_log_stats=True,
         )
-        self._llm = AsyncLLM.from_engine_args(args)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model_config = self._llm.model_config
-        self.vocab_size: int = model_config.get_vocab_size()
-        self.max_model_len: int = model_config.max_model_len
-        self.served_dtype = str(model_config.dtype).removeprefix("torch.")
-        self.vllm_version: str = vllm.__version__
-        self.device: str = current_platform.device_type
-        tied = getattr(model_config.hf_text_config, "tie_word_embeddings", False)
-        if tied and TIED_HEAD not in self.expected and EMBEDDING in self.expected:
-            self.optional[TIED_HEAD] = self.expected[EMBEDDING]
+        llm = AsyncLLM.from_engine_args(args)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            model_config = llm.model_config
+            self.vocab_size: int = model_config.get_vocab_size()
+            self.max_model_len: int = model_config.max_model_len
+            self.served_dtype = str(model_config.dtype).removeprefix("torch.")
+            self.vllm_version: str = vllm.__version__
+            self.device: str = current_platform.device_type
+            tied = getattr(model_config.hf_text_config, "tie_word_embeddings", False)
+            if tied and TIED_HEAD not in self.expected and EMBEDDING in self.expected:
+                self.optional[TIED_HEAD] = self.expected[EMBEDDING]
+        except BaseException:
+            llm.shutdown()
+            raise
+        self._llm = llm  # last: from here on the engine counts as ready
 
     def shutdown(self) -> None:
         if self._llm is not None:

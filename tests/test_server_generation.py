@@ -20,6 +20,10 @@ def reference(tiny_model_dir):
     """``reference(weights_path)``: the tiny model in transformers (fp32, eager attention), those weights."""
     from transformers import AutoModelForCausalLM
 
+    # One thread: next to a running vLLM server, two OpenMP threads on two cores were 40x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
     def load(weights_path):
         model = AutoModelForCausalLM.from_pretrained(
             tiny_model_dir, dtype=torch.float32, attn_implementation="eager"
@@ -28,7 +32,8 @@ def reference(tiny_model_dir):
         model.load_state_dict(state, strict=True)
         return model.eval()
 
-    return load
+    yield load
+    torch.set_num_threads(threads)
 
 
 @torch.no_grad()
