@@ -428,8 +428,14 @@ def test_images_install_this_source_tree_and_run_as_non_root():
                 assert pin.name == "vllm" and next(iter(pin.specifier)).version in vllm.specifier, pin
         else:
             # torch's CPU wheel, at the version the `cpu` extra pins (read from pyproject at build time)
-            assert "download.pytorch.org/whl/cpu" in " ".join(image.instructions("ARG"))
-            assert '["optional-dependencies"]["cpu"]' in run and "--index-url" in run
+            assert '--index-url "https://download.pytorch.org/whl/cpu"' in run
+            step = next(part for part in run.split(" && ") if part.startswith("torch_pin="))
+            path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+            pin = subprocess.run(
+                ["sh", "-c", f'{step}; printf %s "$torch_pin"'], cwd=ROOT, env={**os.environ, "PATH": path},
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            assert pin.startswith("torch==") and pin in extras["cpu"], pin
             assert "pip uninstall -y torchvision torchaudio torchcodec" in run
 
 
@@ -553,6 +559,34 @@ def test_trainer_entrypoint_completes_a_short_run_against_it(cpu_stack):
     # every step's weights reached the server, and EVAL_TASK measured the held-out reward around the run
     assert httpx.get(f"{url}/health", timeout=10).json()["weights_version"] >= version_before + STEPS
     assert "held-out reward before training" in output and "held-out reward after training" in output
+
+
+def test_trainer_pushes_through_the_shared_volume_with_weights_push_shared(cpu_stack):
+    from trainer_client.config import TrainConfig
+
+    if not {"push", "shared_dir"} <= set(TrainConfig.model_fields):
+        pytest.skip("the trainer has no `push: shared` / `shared_dir` config keys yet (issue 6 report)")
+    url, tmp = cpu_stack["url"], cpu_stack["tmp"]
+    hosts = {"generator-cpu:8000": url.removeprefix("http://")}
+    compose = load_compose(example_env(WEIGHTS_PUSH="shared", RUN_NAME="shared-push"))
+    trainer = local_service(compose, "trainer-cpu", tmp, hosts, {"EVAL_TASK": ""})
+    shared = Path(trainer.env["SHARED_WEIGHTS_DIR"])
+    # the trainer writes where the server may load from: the same checkpoints volume, below its root
+    assert shared.is_relative_to(Path(cpu_stack["generator"].env["GENERATOR_CHECKPOINT_ROOT"]))
+    version_before = httpx.get(f"{url}/health", timeout=10).json()["weights_version"]
+    extra = ["--set", f"steps={STEPS}", "--set", "batch_size=8", "--set", "checkpoint_every=0"]
+    done = subprocess.run(
+        [*trainer.argv, *extra], env=trainer.env, cwd=trainer.cwd, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert httpx.get(f"{url}/health", timeout=10).json()["weights_version"] >= version_before + STEPS
+    assert any(shared.rglob("*.safetensors")), "nothing was written to the shared volume"
+    # and the server loaded them from disk (POST /weights/load), not from uploads
+    metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
+    loads = re.findall(
+        r'generator_weight_loads_total\{(?=[^}]*outcome="ok")(?=[^}]*source="disk")[^}]*\} (\S+)', metrics
+    )
+    assert loads and float(loads[0]) >= STEPS, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
