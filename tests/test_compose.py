@@ -396,6 +396,40 @@ def test_profiles_select_the_gpu_pair_by_default_and_the_cpu_pair_with_profile_c
         assert services[trainer]["environment"]["GENERATOR_API_KEY"] == API_KEY
 
 
+@pytest.mark.parametrize("service", ["generator", "generator-cpu"])
+def test_every_server_setting_compose_passes_is_one_the_server_accepts(service, monkeypatch):
+    """A misspelt GENERATOR_* variable would be ignored silently; a bad value would stop the container."""
+    from generator_server.config import ServerSettings
+
+    environment = load_compose(example_env())["services"][service]["environment"]
+    settings = {k: env_value(v) for k, v in environment.items() if k.startswith("GENERATOR_")}
+    unknown = {k for k in settings if k.removeprefix("GENERATOR_").lower() not in ServerSettings.model_fields}
+    assert not unknown, f"{service}: not server settings: {unknown}"
+    for key in [k for k in os.environ if k.startswith("GENERATOR_")]:
+        monkeypatch.delenv(key)
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    parsed = ServerSettings(model="/data/models/any")
+    assert parsed.host == "0.0.0.0" and parsed.port == 8000 and parsed.api_key == API_KEY
+
+
+@pytest.mark.parametrize("service", ["trainer", "trainer-cpu"])
+def test_trainer_config_with_the_entrypoint_overrides_validates(service):
+    from trainer_client.config import load_config
+
+    compose = load_compose(example_env())
+    (config,) = compose["services"][service]["configs"]
+    path = ROOT / compose["configs"][config["source"]]["file"]
+    env = compose["services"][service]["environment"]
+    overrides = [
+        f"model={env['MODEL']}",
+        f"server_url={env['GENERATOR_URL']}",
+        f"output_dir={env['RUN_DIR']}",
+    ]
+    config = load_config(path, overrides)
+    assert config.device == ("cpu" if service.endswith("-cpu") else "cuda")
+
+
 def test_images_install_this_source_tree_and_run_as_non_root():
     import tomllib
     from packaging.requirements import Requirement
