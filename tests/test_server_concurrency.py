@@ -83,3 +83,43 @@ def test_generation_during_pushes(server, make_weights):
         assert served_from <= finished and started <= served_until, (version, started, finished)
         assert _outputs(body) == expected[weights_of[version]], f"version {version} generated other outputs"
     assert len(answers) >= N_PUSHES and len(seen) >= 3, (len(answers), sorted(seen))
+
+
+def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_weights):
+    """A long request runs when a push arrives: it finishes on the old weights, the push waits for it, and
+    a request arriving during the wait runs after the swap, on the new weights."""
+    old = server.weights_version()
+    new_weights = make_weights(seed=400)
+    # 32k tokens: several seconds on a CPU (about 4k tokens/s for this model on a busy 2-core machine).
+    long_request = {"prompts": ["The cat"] * 128, "max_tokens": 250, "ignore_eos": True, "temperature": 1.0}
+    events: dict[str, float] = {}
+    versions: dict[str, int] = {}
+
+    def run(name: str, body: dict) -> None:
+        with server.client() as client:
+            events[f"{name} sent"] = time.monotonic()
+            response = client.post("/generate", json=body)
+            events[f"{name} answered"] = time.monotonic()
+            assert response.status_code == 200, response.text
+            versions[name] = response.json()["weights_version"]
+
+    def push() -> None:
+        events["push sent"] = time.monotonic()
+        assert server.push(new_weights, old + 1).status_code == 200
+        events["push answered"] = time.monotonic()
+
+    long = threading.Thread(target=run, args=("long", long_request))
+    long.start()
+    time.sleep(0.5)
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    time.sleep(0.3)
+    short = threading.Thread(target=run, args=("short", {"prompts": ["Hi"], "max_tokens": 2}))
+    short.start()
+    for t in (long, pusher, short):
+        t.join(timeout=300)
+
+    assert events["long answered"] > events["short sent"], "the long request was too short to test anything"
+    assert versions == {"long": old, "short": old + 1}
+    assert events["push answered"] >= events["long answered"]
+    assert events["short answered"] >= events["long answered"]
