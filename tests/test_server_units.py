@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +258,15 @@ def test_failed_engine_reload_restores_the_weights_served_before(tmp_path):
         assert not engine.ready
 
     asyncio.run(scenario())
+
+
+def test_server_exits_non_zero_when_the_engine_cannot_start(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model folder without weights
+    result = subprocess.run(
+        [sys.executable, "-m", "generator_server", "--model", str(tmp_path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "no .safetensors file" in result.stderr
