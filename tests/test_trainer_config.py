@@ -126,3 +126,9 @@ def test_registry_is_extensible():
     finally:
         del TASKS["echo"]
     assert "arithmetic" in TASKS
+
+
+def test_shared_push_needs_a_folder():
+    with pytest.raises(ConfigError, match="shared_dir"):
+        load_config(None, ["model=m", "push=shared"])
+    assert load_config(None, ["model=m", "push=shared", "shared_dir=/ckpt/pushed"]).push == "shared"

@@ -179,6 +179,16 @@ def test_resume_gives_the_same_metrics(sync_run, tmp_path):
     assert without_timings(resumed) == without_timings(uninterrupted)
 
 
+def test_push_through_a_shared_folder(base_config, server, checkpoint_root, tmp_path):
+    """push: shared writes each version below the server's --checkpoint-root and has it POST /weights/load."""
+    shared = checkpoint_root / "pushed"
+    config = dict(base_config, steps=2, max_staleness=0, push="shared", shared_dir=str(shared))
+    summary = run_training(TrainConfig(**config, output_dir=str(tmp_path)))
+    assert server.weights_version() == summary["server_version"]
+    assert [p.name for p in shared.iterdir()] == [f"weights-v{summary['server_version']:08d}.safetensors"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
 class SwitchableProxy:
     """A small HTTP forwarder in front of a generation server, so that one address can start answering from
     another server, as a restarted server would. ``restart_after_put(V, url)``: once a ``PUT /weights`` of

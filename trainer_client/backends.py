@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from trainer_client.client import (
@@ -62,10 +63,15 @@ class GenerationBackend(Protocol):
 
 class ServerBackend:
     """Generation over HTTP by a running generation server (the whole batch in one request; with a seed,
-    the server samples prompt ``i`` with ``seed + i``)."""
+    the server samples prompt ``i`` with ``seed + i``). Weights go up in ``PUT /weights``, or, with a
+    ``shared_dir``, as a file there that the server loads with ``POST /weights/load``."""
 
-    def __init__(self, client: GeneratorClient):
+    def __init__(
+        self, client: GeneratorClient, shared_dir: str | None = None, shared_dir_on_server: str | None = None
+    ):
         self.client = client
+        self.shared_dir = Path(shared_dir) if shared_dir else None
+        self.shared_dir_on_server = shared_dir_on_server or (shared_dir and str(Path(shared_dir).resolve()))
 
     def wait_until_ready(self, timeout: float) -> None:
         self.client.wait_until_ready(timeout=timeout)
@@ -91,12 +97,29 @@ class ServerBackend:
 
     def push(self, state_dict, version):
         try:
-            return self.client.push_weights(state_dict, version).model_dump()
+            if self.shared_dir is None:
+                return self.client.push_weights(state_dict, version).model_dump()
+            return self._push_shared(state_dict, version)
         except StaleVersionError:
             # A retried PUT whose first attempt did land answers 409; that is success.
             if self.version() == version:
                 return {"weights_version": version}
             raise
+
+    def _push_shared(self, state_dict, version: int) -> dict:
+        """Write the weights into the shared folder, have the server load them, remove older files."""
+        from safetensors.torch import save_file
+
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        name = f"weights-v{version:08d}.safetensors"
+        tmp = self.shared_dir / f".{name}.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp)
+        tmp.rename(self.shared_dir / name)  # the server never sees a half-written file
+        out = self.client.load_weights(f"{self.shared_dir_on_server}/{name}", version).model_dump()
+        for old in self.shared_dir.glob("weights-v*.safetensors"):
+            if old.name < name:
+                old.unlink(missing_ok=True)
+        return out
 
     def close(self) -> None:
         self.client.close()
@@ -108,6 +131,8 @@ def make_backend(config: TrainConfig) -> GenerationBackend:
             config.server_url, api_key=config.api_key, timeout=config.request_timeout,
             max_retries=config.max_retries,
         )  # fmt: skip
+        if config.push == "shared":
+            return ServerBackend(client, config.shared_dir, config.shared_dir_on_server)
         return ServerBackend(client)
     if config.mode == "colocate":
         from trainer_client.colocate import ColocatedBackend  # imports vLLM: only in this mode

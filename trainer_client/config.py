@@ -46,6 +46,14 @@ class TrainConfig(BaseModel):
     up to 10 s apart (10 retries: about 1.5 minutes, enough for a small server to restart)."""
     connect_timeout: float = Field(60.0, gt=0)
     """Seconds to wait at start-up for the server to answer /health before giving up."""
+    push: Literal["http", "shared"] = "http"
+    """How new weights reach the server: `http` streams them in `PUT /weights`; `shared` writes them under
+    `shared_dir` and has the server read them with `POST /weights/load` (same host or shared volume; the
+    folder must be inside the server's --checkpoint-root)."""
+    shared_dir: str | None = None
+    """`push: shared`: folder the trainer writes the weights into (the latest file stays, older go)."""
+    shared_dir_on_server: str | None = None
+    """`push: shared`: the same folder as the server sees it, if mounted elsewhere; default: `shared_dir`."""
     colocate_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
     """`mode: colocate` on a GPU: fraction of the device the engine may take (weights, activations, KV
     cache); the policy, the reference and the optimizer must fit in the rest."""
@@ -122,6 +130,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.push == "shared" and not self.shared_dir:
+            raise ValueError("push: shared needs shared_dir (a folder the server can read)")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
         return self

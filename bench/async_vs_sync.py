@@ -1,0 +1,184 @@
+"""Benchmark 4: asynchronous vs synchronous online DPO, the same run on the same machine.
+
+Starts one generation server, then runs the trainer (in this process) twice with identical settings except
+``max_staleness``: 0 (synchronous: generate, then train, then push, then generate ...) and 1 (the next
+batch is generated while the current one trains). From each run's ``metrics.jsonl``, after the first
+``--skip`` steps:
+
+- wall seconds per step;
+- g = generation seconds per step (the server's ``POST /generate`` of one batch), t = trainer busy seconds
+  per step (scoring + DPO forward/backward/step + weight snapshot), and the push seconds;
+- trainer idle = seconds per step the trainer waited for a batch; generator idle = wall - g, the seconds
+  per step the server was not generating (waiting for weights, reloading, or for the trainer);
+- speedup = sync wall / async wall, against the ideal ``(g + t) / max(g, t)`` for the g and t measured
+  in the synchronous run (perfect overlap, free pushes).
+
+On a CPU the two sides share the machine: vLLM's CPU worker binds its OpenMP threads to core 0 and leaves
+the last core free, so by default (``--quick``) the trainer is pinned to the last core with one torch
+thread, as if generator and trainer had a device each. Prints a markdown table and writes JSON
+(``--out``, default ``runs/bench/async_vs_sync.json``).
+
+    PYTHONPATH=$PWD python bench/async_vs_sync.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    SIZES,
+    ServerOptions,
+    add_common_args,
+    build_model,
+    describe_machine,
+    has_cuda,
+    machine_line,
+    markdown_table,
+    parse_args,
+    resolve_dtype,
+    running_server,
+    write_results,
+)
+
+QUICK = dict(size="tiny", steps=12, batch_size=8, samples_per_prompt=4, max_new_tokens=48, enforce_eager=True)
+
+
+def summarise(records: list[dict], skip: int) -> dict:
+    rs = records[skip:]
+    wall = mean(r["wall_seconds"] for r in rs)
+    g = mean(r["gen_seconds"] for r in rs)
+    t = mean(r["score_seconds"] + r["train_seconds"] for r in rs)
+    return {
+        "steps_measured": len(rs),
+        "wall_per_step": wall,
+        "gen_per_step": g,
+        "train_per_step": t,
+        "push_per_step": mean(r["push_seconds"] for r in rs),
+        "trainer_idle_per_step": mean(r["wait_seconds"] for r in rs),
+        "generator_idle_per_step": max(0.0, wall - g),
+        "overlap_per_step": mean(r["overlap_seconds"] for r in rs),
+        "max_staleness_seen": max(r["staleness"] for r in rs),
+        "reward_mean": mean(r["reward_mean"] for r in rs),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="0.1b", choices=list(SIZES), help="model size (bench/common.py)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    parser.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="K")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="completion length limit")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--staleness", default="0,1", help="max_staleness values, run in this order")
+    parser.add_argument("--trainer-threads", type=int, default=None, help="torch threads of the trainer")
+    parser.add_argument(
+        "--trainer-cpus", default=None, help="comma-separated CPU ids to pin the trainer to (CPU runs)"
+    )
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="server's share of the GPU")
+    add_common_args(parser)
+    quick = dict(QUICK)
+    if not has_cuda() and (os.cpu_count() or 1) >= 2:
+        quick.update(trainer_threads=1, trainer_cpus=str(os.cpu_count() - 1))
+    args = parse_args(parser, quick, argv)
+
+    import torch  # after argument parsing: --help stays fast
+
+    from trainer_client.config import TrainConfig
+    from trainer_client.train import run_training
+
+    dtype = resolve_dtype(args.dtype)
+    device = "cuda" if has_cuda() else "cpu"
+    work = args.work_dir
+    model_dir = build_model(args.size, "float32", work / "models")  # the trainer's policy is fp32
+    task = work / "async_vs_sync" / "prompts.jsonl"
+    task.parent.mkdir(parents=True, exist_ok=True)
+    task.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(512)))
+    options = ServerOptions(
+        dtype=dtype,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+    )
+    staleness_values = [int(s) for s in args.staleness.split(",")]
+    runs: dict[int, dict] = {}
+    with running_server(model_dir, options, work / "async_vs_sync" / "server.log") as server:
+        if args.trainer_cpus:  # after the server started: its processes keep the default affinity
+            os.sched_setaffinity(0, {int(c) for c in args.trainer_cpus.split(",")})
+        if args.trainer_threads:
+            torch.set_num_threads(args.trainer_threads)
+        for staleness in staleness_values:
+            out_dir = work / "async_vs_sync" / f"staleness-{staleness}"
+            config = TrainConfig(
+                model=str(model_dir),
+                server_url=server.url,
+                task=str(task),
+                reward="length",
+                steps=args.steps,
+                batch_size=args.batch_size,
+                samples_per_prompt=args.samples_per_prompt,
+                max_new_tokens=args.max_new_tokens,
+                learning_rate=args.learning_rate,
+                max_staleness=staleness,
+                device=device,
+                output_dir=str(out_dir),
+                seed=args.seed,
+                progress_bar=False,
+            )
+            print(f"max_staleness={staleness}: {args.steps} steps ...", flush=True)
+            started = time.perf_counter()
+            summary = run_training(config)
+            records = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines()]
+            runs[staleness] = {
+                **summarise(records, args.skip),
+                "total_seconds": time.perf_counter() - started,
+                "metrics_path": summary["metrics_path"],
+            }
+
+    rows = []
+    headers = ["max_staleness", "wall s/step", "gen g s/step", "train t s/step", "push s/step"]
+    headers += ["trainer idle s/step", "generator idle s/step", "gen hidden s/step"]
+    for staleness, r in runs.items():
+        rows.append(
+            [staleness, r["wall_per_step"], r["gen_per_step"], r["train_per_step"], r["push_per_step"]]
+            + [r["trainer_idle_per_step"], r["generator_idle_per_step"], r["overlap_per_step"]]
+        )
+    results: dict = {"runs": {str(k): v for k, v in runs.items()}}
+    if 0 in runs and 1 in runs:
+        g, t = runs[0]["gen_per_step"], runs[0]["train_per_step"]
+        ideal = (g + t) / max(g, t)
+        speedup = runs[0]["wall_per_step"] / runs[1]["wall_per_step"]
+        results.update(speedup=speedup, ideal_speedup=ideal, fraction_of_ideal=(speedup - 1) / (ideal - 1))
+    machine = describe_machine()
+    machine["load_average_1m"] = os.getloadavg()[0]
+    print()
+    print(f"Online DPO, {args.size} model, {args.steps} steps (first {args.skip} not averaged), batch "
+          f"{args.batch_size} x K={args.samples_per_prompt}, {args.max_new_tokens} new tokens; "
+          f"{machine_line(machine)}; load average {machine['load_average_1m']:.1f}")  # fmt: skip
+    print()
+    print(markdown_table(headers, rows))
+    if "speedup" in results:
+        print(
+            f"\nspeedup (sync wall / async wall): {results['speedup']:.2f}x; ideal (g+t)/max(g,t) with the "
+            f"synchronous g={g:.3f} s, t={t:.3f} s: {results['ideal_speedup']:.2f}x; "
+            f"share of the ideal gain achieved: {results['fraction_of_ideal']:.0%}"
+        )
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(device=device, server_dtype=dtype, trainer_dtype="float32")
+    write_results(args.out or work / "async_vs_sync.json", "async_vs_sync", machine, settings, results)
+
+
+if __name__ == "__main__":
+    main()
