@@ -599,7 +599,7 @@ def test_trainer_pushes_through_the_shared_volume_with_weights_push_shared(cpu_s
     from trainer_client.config import TrainConfig
 
     if not {"push", "shared_dir"} <= set(TrainConfig.model_fields):
-        pytest.skip("the trainer has no `push: shared` / `shared_dir` config keys yet (issue 6 report)")
+        pytest.skip("this trainer has no `push: shared` / `shared_dir` config keys")
     url, tmp = cpu_stack["url"], cpu_stack["tmp"]
     hosts = {"generator-cpu:8000": url.removeprefix("http://")}
     compose = load_compose(example_env(WEIGHTS_PUSH="shared", RUN_NAME="shared-push"))
