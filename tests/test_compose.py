@@ -432,6 +432,7 @@ def test_trainer_config_with_the_entrypoint_overrides_validates(service):
 
 def test_images_install_this_source_tree_and_run_as_non_root():
     import tomllib
+
     from packaging.requirements import Requirement
 
     compose = load_compose(example_env())
