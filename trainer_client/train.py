@@ -29,6 +29,7 @@ import math
 import queue
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
     torch.manual_seed(c.seed)
     hf_logging.disable_progress_bar()  # ours is the only progress bar (no "Loading weights" bars)
 
-    # --- setup: data, reward, generation backend (reachable?), models, optimizer --------------------------
+    # --- setup: data, reward, models, optimizer ----------------------------------------------------------
     task = load_task(c.task)
     reward_fn = build_reward(c.reward, task, device=c.device)
     sampling = dict(
@@ -289,9 +290,6 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
         top_p=c.top_p,
         stop=c.stop if c.stop is not None else task_hint(task, "stop"),
     )
-    backend = make_backend(c)
-    if hasattr(backend, "wait_until_ready"):  # fail fast, before loading models, if nobody answers
-        backend.wait_until_ready(c.connect_timeout)
     tokenizer = AutoTokenizer.from_pretrained(c.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = AutoModelForCausalLM.from_pretrained(resume or c.model, dtype=torch.float32).to(c.device)
@@ -318,43 +316,56 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
         ]
     metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
-    # --- the server: same architecture? which version offset? --------------------------------------------
-    server_version, server_tensors = backend.weights_spec()
-    push_names = check_compatible(server_tensors, policy, f"the server at {c.server_url}")
-    offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
-
-    def snapshot() -> dict[str, torch.Tensor]:  # a copy the optimizer will not modify while it is pushed
-        params = policy.state_dict()
-        return {n: params[n].detach().to("cpu", copy=True) for n in push_names}
-
-    pusher = Pusher(backend, offset, served=start_step)
-    if offset or start_step:
-        log.info(
-            "server at version %d; pushing policy %d as version %d",
-            server_version,
-            start_step,
-            start_step + offset,
-        )
-        pusher.push_now(start_step, snapshot())  # before the producer starts: it needs this version
-    producer = Producer(c, task, backend, pusher, start_step + 1, c.steps, sampling)
-
-    # metrics lines are written in step order, each once its push is done (it carries push_seconds)
-    pending: list[dict] = []
-    metrics_file = metrics_path.open("a")
-
-    def flush_metrics() -> None:
-        while pending and pending[0]["step"] <= pusher.served:
-            metrics_file.write(json.dumps(pending.pop(0)) + "\n")
-        metrics_file.flush()
-
-    bar = tqdm(
-        total=c.steps, initial=start_step, desc="online-dpo", disable=not c.progress_bar, dynamic_ncols=True
-    )
-    train_intervals: list[tuple[float, float]] = []  # when the trainer was busy, for the overlap measure
-    K = c.samples_per_prompt
-    last_checkpoint, checkpoint_seconds = None, 0.0
-    loop_start = step_end = time.monotonic()
+    # --- the server: reachable? same architecture? which version offset? ----------------------------------
+    backend = make_backend(c)
+    cleanup = ExitStack()  # closed on any exit: threads stopped, files and connections closed
+    cleanup.callback(backend.close)
     try:
+        if hasattr(backend, "wait_until_ready"):
+            backend.wait_until_ready(c.connect_timeout)
+        server_version, server_tensors = backend.weights_spec()
+        push_names = check_compatible(server_tensors, policy, f"the server at {c.server_url}")
+        offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
+
+        def snapshot() -> dict[str, torch.Tensor]:  # a copy the optimizer will not modify while it is pushed
+            params = policy.state_dict()
+            return {n: params[n].detach().to("cpu", copy=True) for n in push_names}
+
+        pusher = Pusher(backend, offset, served=start_step)
+        cleanup.callback(pusher.abort)
+        if offset or start_step:
+            log.info(
+                "server at version %d: policy %d goes up as %d",
+                server_version,
+                start_step,
+                start_step + offset,
+            )
+            pusher.push_now(start_step, snapshot())  # before the producer starts: it needs this version
+        producer = Producer(c, task, backend, pusher, start_step + 1, c.steps, sampling)
+        cleanup.callback(producer.stop.set)
+
+        # metrics lines are written in step order, each once its push is done (it carries push_seconds)
+        pending: list[dict] = []
+        metrics_file = cleanup.enter_context(metrics_path.open("a"))
+
+        def flush_metrics() -> None:
+            while pending and pending[0]["step"] <= pusher.served:
+                metrics_file.write(json.dumps(pending.pop(0)) + "\n")
+            metrics_file.flush()
+
+        bar = cleanup.enter_context(
+            tqdm(
+                total=c.steps,
+                initial=start_step,
+                desc="online-dpo",
+                disable=not c.progress_bar,
+                dynamic_ncols=True,
+            )
+        )
+        train_intervals: list[tuple[float, float]] = []  # when the trainer was busy, for the overlap measure
+        K = c.samples_per_prompt
+        last_checkpoint, checkpoint_seconds = None, 0.0
+        loop_start = step_end = time.monotonic()
         for step in range(start_step + 1, c.steps + 1):
             # --- 1. the batch (generated ahead by the producer) ---------------------------------------------
             wait_start = time.monotonic()
@@ -474,11 +485,7 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
         pusher.close()
         flush_metrics()
     finally:
-        producer.stop.set()
-        pusher.abort()
-        bar.close()
-        metrics_file.close()
-        backend.close()
+        cleanup.close()
     return {
         "steps": c.steps,
         "start_step": start_step,
