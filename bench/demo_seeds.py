@@ -1,6 +1,6 @@
 """The demo on several seeds, synchronous (max_staleness 0) and asynchronous (max_staleness 1).
 
-    python bench/demo_seeds.py                      # seeds 0 1 2, 300 steps: about 40 min on 2 cores
+    python bench/demo_seeds.py                      # seeds 0 1 2, 200 steps: about 30 min on 2 cores
     python bench/demo_seeds.py --seeds 0 --steps 50 --results /tmp/results.md
 
 For each seed: the starter of that seed (cached, see trainer_client/starter.py) is served by one
@@ -81,16 +81,22 @@ def run_seed(seed: int, steps: int, out: Path, overrides: list[str], cache_dir: 
     return rows
 
 
-def results_markdown(rows: list[dict], command: str, steps: int) -> str:
+def results_markdown(rows: list[dict], command: str, steps: int, overrides: list[str]) -> str:
+    from trainer_client.demo import DEMO_DEFAULTS
+
     by_mode = {m: [r for r in rows if r["max_staleness"] == m] for m in MODES}
+    d = DEMO_DEFAULTS
+    settings = f"batch_size {d['batch_size']}, samples_per_prompt {d['samples_per_prompt']}, "
+    settings += f"learning_rate {d['learning_rate']}, beta {d['beta']}, loss {d['loss']}"
+    settings += "".join(f", {o}" for o in overrides)
     lines = [
         "# Results: the demo on several seeds, synchronous vs asynchronous",
         "",
         "Online DPO of the demo's starter policies (two-digit addition, exact-match reward, greedy",
-        f"accuracy on 500 held-out prompts) for {steps} steps of 64 prompts x 4 samples, through the",
-        "generation server on the CPU. `sync` is `max_staleness: 0` (generate, then train); `async` is",
-        "`max_staleness: 1` (the next batch is generated while the trainer trains on this one). Wall time",
-        "is the training loop only (no starter, no server start, no evaluation).",
+        f"accuracy on 500 held-out prompts) for {steps} steps with the demo's settings ({settings}),",
+        "through the generation server on the CPU. `sync` is `max_staleness: 0` (generate, then train);",
+        "`async` is `max_staleness: 1` (the next batch is generated while the trainer trains on this one).",
+        "Wall time is the training loop only (no starter, no server start, no evaluation).",
         "",
         f"Machine: {os.cpu_count()} CPU cores, {platform.platform()}, Python {platform.python_version()}.",
         "",
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="runs/demo_seeds", help="folder for runs, logs and curves")
     parser.add_argument("--results", default="docs/RESULTS.md", help="markdown table to write")
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     command = "python bench/demo_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(results_markdown(rows, command.strip(), args.steps))
+    Path(args.results).write_text(results_markdown(rows, command.strip(), args.steps, args.overrides))
     print(f"wrote {args.results} and {out}/ in {time.monotonic() - t0:.0f} s")
     return 0
 
