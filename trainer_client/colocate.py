@@ -40,11 +40,12 @@ version of the weights that produced the batch.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,8 @@ class EngineSettings:
     device: str = "cpu"
     """The trainer's device: ``cpu`` or ``cuda``/``cuda:0`` (vLLM's single worker uses device 0)."""
     dtype: str = "auto"
-    """Engine weights dtype (``auto`` = the folder's); the policy is cast on handover."""
+    """Engine weights dtype; ``auto`` = the folder's ``config.json`` dtype (not vLLM's ``auto``, which turns
+    float32 into bfloat16 on CPU). The policy's tensors are cast on handover."""
     gpu_memory_utilization: float = 0.3
     """GPU: fraction of the device the engine may take (weights + activations + KV cache)."""
     kv_cache_gib: int = 1
@@ -171,6 +173,16 @@ def read_weights_spec(model_dir: str | Path) -> dict[str, tuple[list[int], str]]
     return spec
 
 
+def folder_dtype(model_dir: str | Path) -> str:
+    """The dtype a model folder's ``config.json`` declares (``dtype`` or ``torch_dtype``), else ``auto``."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    dtype = config.get("dtype") or config.get("torch_dtype") or "auto"
+    return str(dtype).removeprefix("torch.")
+
+
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -214,7 +226,9 @@ class ColocatedEngine:
             self.sleep_supported = self.device == "cuda" and current_platform.is_sleep_mode_available()
             kwargs: dict[str, Any] = dict(
                 model=self.settings.model,
-                dtype=self.settings.dtype,
+                dtype=folder_dtype(self.settings.model)
+                if self.settings.dtype == "auto"
+                else self.settings.dtype,
                 seed=self.settings.seed,
                 enforce_eager=self.settings.enforce_eager,
                 max_model_len=self.settings.max_model_len,
@@ -348,6 +362,34 @@ class ColocatedEngine:
             del llm
 
 
+def settings_from_config(config, model: str | Path | None = None) -> EngineSettings:
+    """:class:`EngineSettings` from a :class:`~trainer_client.config.TrainConfig` (its ``colocate_*`` keys);
+    ``model`` replaces ``config.model``."""
+    return EngineSettings(
+        model=str(model or config.model),
+        device=config.device,
+        dtype=config.colocate_dtype,
+        gpu_memory_utilization=config.colocate_gpu_memory_utilization,
+        kv_cache_gib=config.colocate_kv_cache_gib,
+        sleep=config.colocate_sleep,
+        max_model_len=config.colocate_max_model_len,
+        enforce_eager=config.colocate_enforce_eager,
+        seed=config.seed,
+    )
+
+
+@contextmanager
+def local_engine(model: str | Path, config) -> Iterator[ColocatedEngine]:
+    """An in-process engine on ``model`` for the length of a ``with`` block; what ``local_server`` is to
+    server mode. Its ``generate`` takes the arguments of ``GeneratorClient.generate``, so
+    ``trainer_client.evaluate.evaluate(engine, task)`` works on it."""
+    engine = ColocatedEngine(settings_from_config(config, model))
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The training loop's backend
 # ---------------------------------------------------------------------------------------------------------
@@ -363,18 +405,7 @@ class ColocatedBackend:
     @classmethod
     def from_config(cls, config) -> ColocatedBackend:
         """Build the engine from a :class:`~trainer_client.config.TrainConfig` (its ``colocate_*`` keys)."""
-        settings = EngineSettings(
-            model=config.model,
-            device=config.device,
-            dtype=config.colocate_dtype,
-            gpu_memory_utilization=config.colocate_gpu_memory_utilization,
-            kv_cache_gib=config.colocate_kv_cache_gib,
-            sleep=config.colocate_sleep,
-            max_model_len=config.colocate_max_model_len,
-            enforce_eager=config.colocate_enforce_eager,
-            seed=config.seed,
-        )
-        return cls(ColocatedEngine(settings))
+        return cls(ColocatedEngine(settings_from_config(config)))
 
     def weights_spec(self) -> tuple[int, dict[str, tuple[list[int], str]]]:
         return self.engine.weights_version, dict(self.engine.spec)
