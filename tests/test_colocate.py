@@ -8,6 +8,7 @@ leave the trainer's threads and RNG alone. One engine serves the whole module.
 from __future__ import annotations
 
 import os
+import threading
 
 import psutil
 import pytest
@@ -157,3 +158,29 @@ def test_prompt_token_ids_and_finish_reasons(engine):
     assert out.results[0].completions[0].finish_reason == "length"
     with pytest.raises(ValueError, match="exactly one"):
         engine.generate(max_tokens=3)
+
+
+def test_works_from_other_threads_with_fewer_torch_threads(engine, policy):
+    """The loop calls generate and load_weights from its own threads, e.g. with 1 torch thread (the demo)."""
+    threads = torch.get_num_threads()
+    results, errors = [], []
+
+    def call(fn):
+        try:
+            results.append(fn())
+        except Exception as e:  # noqa: BLE001 - re-raised below in the test's thread
+            errors.append(e)
+
+    torch.set_num_threads(1)
+    try:
+        for fn in (
+            lambda: engine.generate(prompts=PROMPTS * 2, n=2, max_tokens=6, seed=1),
+            lambda: engine.load_weights(policy.state_dict(), engine.weights_version + 1),
+        ):
+            worker = threading.Thread(target=call, args=(fn,))
+            worker.start()
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert not errors, errors
+    assert len(results) == 2

@@ -121,6 +121,18 @@ def _environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def _init_omp_threads() -> None:
+    """Give the calling thread torch's intra-op thread count before vLLM's CPU kernels run in it.
+
+    OpenMP keeps the thread count per thread, and torch sets it in a new thread only at its first torch op.
+    The training loop calls the engine from its producer and pusher threads, so vLLM's CPU attention would
+    plan a step for the OpenMP default (all cores) and then run it with torch's count, and abort ("Check
+    failed: input->metadata->thread_num == thread_num") whenever the two differ (e.g. 1 torch thread)."""
+    import torch
+
+    torch.get_num_threads()  # initialises this thread's OpenMP count to torch's
+
+
 def _check_device(device: str) -> str:
     kind, _, index = device.partition(":")
     if kind == "cpu":
@@ -279,6 +291,7 @@ class ColocatedEngine:
         else:
             inputs = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
         with self._lock:
+            _init_omp_threads()
             if seed is None:
                 seed = self._seeds.randrange(2**31)
             params = SamplingParams(
@@ -334,6 +347,7 @@ class ColocatedEngine:
         weights = [(name, t.detach()) for name, t in state_dict.items()]
         with self._lock:
             start = time.perf_counter()
+            _init_omp_threads()
             self._wake()
             self.llm.collective_rpc(_load_weights_into_worker, args=(weights,))
             self.llm.reset_prefix_cache()  # cached KV came from the old weights
