@@ -20,6 +20,8 @@ if [ -d /root/stage ] && [ ! -d /tmp/site/vllm ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export VLLM_USE_FLASHINFER_SAMPLER=0  # FlashInfer is not staged
+# The in-process engine of benchmark 1 is built after CUDA is initialised in this process: fork would fail.
+export VLLM_WORKER_MULTIPROC_METHOD=spawn
 DEST=${OUT:-runs/bench}
 mkdir -p "$DEST"
 QUICK_FLAG=()

@@ -29,7 +29,10 @@ def test_health_is_open_and_complete(server):
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {"status", "model", "weights_version", "vllm_version", "device"}
-    assert body["status"] == "ok" and body["device"] == "cpu"
+    import torch
+
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert body["status"] == "ok" and body["device"] == expected_device
     assert isinstance(body["weights_version"], int) and re.match(r"\d+\.\d+", body["vllm_version"])
 
 
