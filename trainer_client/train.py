@@ -82,6 +82,22 @@ def check_compatible(server_tensors: dict[str, tuple[list[int], str]], policy, w
     return list(server_tensors)
 
 
+def snapshot_weights(state_dict: dict[str, torch.Tensor], dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """CPU copies of the tensors named in ``dtypes`` (name -> the served dtype, a torch name like
+    ``"bfloat16"``), floating ones cast to the served dtype in the same copy.
+
+    The push then carries the bytes the server serves (half of fp32 for a bf16 server) and the server has
+    nothing to cast. Non-floating tensors, and dtypes torch does not know, are copied as they are."""
+    out = {}
+    for name, served in dtypes.items():
+        t = state_dict[name].detach()
+        dtype = getattr(torch, served, None)
+        if not (t.is_floating_point() and isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            dtype = t.dtype
+        out[name] = t.to("cpu", dtype=dtype, copy=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Background threads: the producer of batches and the pusher of weights
 # ----------------------------------------------------------------------------------------------------------
@@ -328,8 +344,7 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
         offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
 
         def snapshot() -> dict[str, torch.Tensor]:  # a copy the optimizer will not modify while it is pushed
-            params = policy.state_dict()
-            return {n: params[n].detach().to("cpu", copy=True) for n in push_names}
+            return snapshot_weights(policy.state_dict(), {n: server_tensors[n][1] for n in push_names})
 
         pusher = Pusher(backend, offset, served=start_step)
         cleanup.callback(pusher.abort)
