@@ -236,7 +236,7 @@ class WeightStore:
         try:
             with open(staged / "model.safetensors", "wb") as f:
 
-                def write(data: bytes) -> None:
+                def write(data: bytearray) -> None:
                     digest.update(data)
                     f.write(data)
 
@@ -245,10 +245,10 @@ class WeightStore:
                     if received > limit:
                         raise ApiError(413, f"body exceeds --max-upload-bytes {limit}")
                     buffer += chunk
-                    if len(buffer) >= WRITE_CHUNK_BYTES:
-                        await asyncio.to_thread(write, bytes(buffer))
+                    if len(buffer) >= WRITE_CHUNK_BYTES:  # awaited before the buffer changes: no copy
+                        await asyncio.to_thread(write, buffer)
                         buffer.clear()
-                await asyncio.to_thread(write, bytes(buffer))
+                await asyncio.to_thread(write, buffer)
             if content_length is not None and received != content_length:
                 raise ApiError(400, f"body ended after {received} of {content_length} bytes")
             if sha256 is not None and digest.hexdigest() != sha256:
@@ -275,9 +275,11 @@ class WeightStore:
         return target
 
     def copy_in(self, source: Path) -> tuple[Path, int]:
-        """Copy a .safetensors file, or a folder's weight files, into a new staging dir; (dir, bytes).
+        """Link (or copy) a .safetensors file, or a folder's weight files, into a new staging dir;
+        (dir, bytes).
 
-        A private copy means the files checked are the files loaded, whatever happens to the source."""
+        The staged names are the server's own, so the files checked are the files loaded and later
+        served, whatever happens to the source's *names* (see ``_link_or_copy``)."""
         files = safetensors_files(source) if source.is_dir() else [source]
         if not files:
             raise ApiError(400, f"no .safetensors file in {source.name}")
@@ -286,9 +288,24 @@ class WeightStore:
             total = 0
             for file in files:
                 dest = staged / ("model.safetensors" if source.is_file() else file.name)
-                shutil.copyfile(file, dest)
+                _link_or_copy(file, dest)
                 total += dest.stat().st_size
         except OSError as e:
             self.discard(staged)
             raise ApiError(400, f"could not read {source.name}: {e.strerror or e}") from e
         return staged, total
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """Hard-link ``source`` as ``dest``, so no byte is read or written; copy it where linking fails
+    (another filesystem, a file of another user under ``fs.protected_hardlinks``, no link support).
+
+    A hard link is a second name for the same inode. Deleting the source, or replacing it by renaming a
+    new file over it (what the trainer's shared-folder push does: it writes ``.NAME.tmp`` and renames it),
+    leaves the staged file with the old bytes, as a copy would. Rewriting the source *in place* (opening the
+    same file for writing) would change the staged bytes too: writers into the checkpoint root must write
+    a new file and rename it, never overwrite a file the server may have loaded."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from generator_server.app import create_app
@@ -21,7 +22,12 @@ from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
 from generator_server.metrics import ServerMetrics
 from generator_server.rwlock import ReadersWriterLock
-from generator_server.weights import TensorInfo, check_compatible, read_safetensors_header
+from generator_server.weights import (
+    TensorInfo,
+    WeightStore,
+    check_compatible,
+    read_safetensors_header,
+)
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -270,3 +276,38 @@ def test_server_exits_non_zero_when_the_engine_cannot_start(tmp_path):
     )
     assert result.returncode == 1
     assert "no .safetensors file" in result.stderr
+
+
+# --- POST /weights/load staging: hard link, copy as fallback ----------------------------------------------
+def test_load_stages_a_hard_link_that_survives_the_source_being_replaced(tmp_path):
+    store = WeightStore(tmp_path / "model", tmp_path / "work", max_upload_bytes=1 << 20)
+    source = _write(tmp_path / "ckpt.safetensors", {"w": torch.ones(4)})
+    staged, size = store.copy_in(source)
+    file = staged / "model.safetensors"
+    assert size == source.stat().st_size and file.stat().st_ino == source.stat().st_ino  # no bytes copied
+    # the trainer's shared push: write a temporary file, rename it over the old name, later delete it
+    _write(tmp_path / ".ckpt.tmp", {"w": torch.zeros(4)}).rename(source)
+    source.unlink()
+    assert read_safetensors_header(file)["w"] == TensorInfo("F32", (4,))
+    with safe_open(str(file), framework="pt") as f:
+        assert f.get_tensor("w").tolist() == [1.0] * 4
+
+
+def test_load_copies_where_linking_fails(tmp_path, monkeypatch):
+    def cross_device(src, dst, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("generator_server.weights.os.link", cross_device)
+    store = WeightStore(tmp_path / "model", tmp_path / "work", max_upload_bytes=1 << 20)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    _write(folder / "a.safetensors", {"a": torch.ones(2)})
+    _write(folder / "b.safetensors", {"b": torch.ones(3)})
+    staged, size = store.copy_in(folder)
+    assert sorted(p.name for p in staged.iterdir()) == ["a.safetensors", "b.safetensors"]
+    for name in ("a.safetensors", "b.safetensors"):
+        assert (staged / name).read_bytes() == (folder / name).read_bytes()
+        assert (staged / name).stat().st_ino != (folder / name).stat().st_ino
+    assert size == sum((folder / n).stat().st_size for n in ("a.safetensors", "b.safetensors"))
+    with pytest.raises(ApiError, match="could not read"):
+        store.copy_in(tmp_path / "gone.safetensors")
