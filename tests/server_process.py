@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 DEFAULT_ARGS = ("--enforce-eager", "--dtype", "float32")
-START_TIMEOUT_S = 360.0
+START_TIMEOUT_S = 720.0
 
 
 @dataclass
