@@ -1,6 +1,6 @@
 """The demo on several seeds, synchronous (max_staleness 0) and asynchronous (max_staleness 1).
 
-    python bench/demo_seeds.py                      # seeds 0 1 2, 200 steps: about 30 min on 2 cores
+    python bench/demo_seeds.py                      # seeds 0 1 2, 300 steps: about 40 min on 2 cores
     python bench/demo_seeds.py --seeds 0 --steps 50 --results /tmp/results.md
 
 For each seed: the starter of that seed (cached, see trainer_client/starter.py) is served by one
@@ -31,7 +31,7 @@ def run_seed(seed: int, steps: int, out: Path, overrides: list[str], cache_dir: 
     from trainer_client.client import GeneratorClient
     from trainer_client.demo import demo_config, summarize
     from trainer_client.evaluate import evaluate
-    from trainer_client.local_server import local_server
+    from trainer_client.local_server import local_server, pinned_to_spare_core
     from trainer_client.plots import plot_runs, read_metrics
     from trainer_client.starter import StarterConfig, ensure_starter
     from trainer_client.tasks import load_task
@@ -44,6 +44,7 @@ def run_seed(seed: int, steps: int, out: Path, overrides: list[str], cache_dir: 
     with (
         local_server(starter, log_path=out / f"seed{seed}-server.log") as url,
         GeneratorClient(url) as client,
+        pinned_to_spare_core(client.health().device == "cpu"),
     ):
         for staleness in order:
             version = client.health().weights_version
@@ -90,7 +91,7 @@ def results_markdown(rows: list[dict], command: str, steps: int, overrides: list
     settings += f"learning_rate {d['learning_rate']}, beta {d['beta']}, loss {d['loss']}"
     settings += "".join(f", {o}" for o in overrides)
     lines = [
-        "# Results: the demo on several seeds, synchronous vs asynchronous",
+        "## The demo on three seeds, synchronous vs asynchronous",
         "",
         "Online DPO of the demo's starter policies (two-digit addition, exact-match reward, greedy",
         f"accuracy on 500 held-out prompts) for {steps} steps with the demo's settings ({settings}),",
@@ -130,12 +131,29 @@ def results_markdown(rows: list[dict], command: str, steps: int, overrides: list
     return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- demo_seeds.py: begin -->", "<!-- demo_seeds.py: end -->"
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Put ``text`` between the BEGIN/END markers of ``path``, keeping what is around them (hand-written
+    notes); a file without markers gets them appended."""
+    block = f"{BEGIN}\n{text}{END}\n"
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="runs/demo_seeds", help="folder for runs, logs and curves")
     parser.add_argument("--results", default="docs/RESULTS.md", help="markdown table to write")
@@ -154,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_seed(seed, args.steps, out, args.overrides, args.cache_dir)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     command = "python bench/demo_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(results_markdown(rows, command.strip(), args.steps, args.overrides))
+    write_between_markers(
+        Path(args.results), results_markdown(rows, command.strip(), args.steps, args.overrides)
+    )
     print(f"wrote {args.results} and {out}/ in {time.monotonic() - t0:.0f} s")
     return 0
 

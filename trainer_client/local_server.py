@@ -26,6 +26,24 @@ class ServerStartError(RuntimeError):
     """The server process exited or did not become healthy in time."""
 
 
+@contextmanager
+def pinned_to_spare_core(enabled: bool = True) -> Iterator[None]:
+    """Run the ``with`` block (and the threads it starts) on the last allowed CPU only.
+
+    vLLM's CPU worker binds its threads to all cores but the last, which it leaves free; a single-threaded
+    trainer placed there does not fight the engine for a core while they overlap (measured on 2 cores:
+    0.52-0.55 s per asynchronous demo step pinned, 0.60 s unpinned; synchronous steps are unaffected)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if not enabled or len(allowed) < 2:
+        yield
+        return
+    os.sched_setaffinity(0, {max(allowed)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
