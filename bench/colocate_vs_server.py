@@ -52,6 +52,7 @@ from bench.common import (  # noqa: E402
     describe_machine,
     machine_line,
     markdown_table,
+    median,
     parse_args,
     resolve_dtype,
     running_server,
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS of the trainer")
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per mode (alternating order); medians")
     add_common_args(parser)
     args = parse_args(parser, QUICK, argv)
     args.device = args.device or bench_device()
@@ -246,7 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     machine = describe_machine()
     print(machine_line(machine), flush=True)
 
-    results = {mode: run_mode(mode, args, model_dir, task_file, work) for mode in args.modes}
+    runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    for repeat in range(args.repeats):  # the order alternates, so a slow patch of a shared machine is spread
+        for mode in args.modes if repeat % 2 == 0 else reversed(args.modes):
+            runs[mode].append(run_mode(mode, args, model_dir, task_file, work))
+    results = {
+        mode: {k: median([r[k] for r in rs]) for k in rs[0] if k != "mode"} for mode, rs in runs.items()
+    }
 
     gpu = any("peak_gpu_mib" in r for r in results.values())
     headers = ["mode", "peak RSS (MiB)", "peak PSS (MiB)"] + (["peak GPU (MiB)"] if gpu else [])
@@ -271,14 +279,16 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nmodel {model_dir} ({args.dtype}), device {args.device}, {args.steps} steps x {args.batch_size} "
         f"prompts x {args.samples_per_prompt} samples x {args.max_new_tokens} tokens, max_staleness "
-        f"{args.max_staleness}; step times are means after the first {args.skip} steps; "
+        f"{args.max_staleness}; step times are means after the first {args.skip} steps; medians of "
+        f"{args.repeats} run(s) per mode; "
         "outside steps = server start-up (server mode) + trainer process time outside its steps "
         "(colocated: includes building the engine)"
     )
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_results(
-        args.out or work / "colocate_vs_server.json", "colocate_vs_server", machine, settings, results
-    )
+        args.out or work / "colocate_vs_server.json", "colocate_vs_server", machine, settings,
+        {"median": results, "runs": runs},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,13 +26,16 @@ def engine(tiny_model_dir):
     torch.manual_seed(1234)
     expected_draws = torch.rand(4)
     torch.manual_seed(1234)
-    threads = torch.get_num_threads()
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # a trainer's choice; vLLM's worker sets its own
     engine = ColocatedEngine(EngineSettings(model=str(tiny_model_dir), dtype="float32", kv_cache_gib=1))
     engine.trainer_state_after_build = {  # what building did to the trainer's process state
         "draws_equal": torch.equal(torch.rand(4), expected_draws),
         "threads": (threads, torch.get_num_threads()),
+        "matmul_precision": torch.get_float32_matmul_precision(),
         "env": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
     }
+    torch.set_float32_matmul_precision(precision)
     yield engine
     engine.close()
 
@@ -85,6 +88,7 @@ def test_engine_runs_in_this_process_and_leaves_trainer_state_alone(engine):
     assert state["draws_equal"], "building the engine changed torch's global RNG stream"
     threads_before, threads_after = state["threads"]
     assert threads_after == threads_before
+    assert state["matmul_precision"] == "high"
     assert state["env"] is None or state["env"] == os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     assert not engine.sleep_supported  # vLLM's CPU build has no sleep mode
 

@@ -15,26 +15,31 @@ Everything needed for vLLM to share one device with a training process lives her
   is freed and the weights are moved to host memory, so training gets the device memory back. The next
   weight handover or generation wakes it up. vLLM's CPU build has no sleep mode (its worker ignores
   ``sleep``), so on CPU the engine simply stays resident.
-- **Weights in memory.** :meth:`ColocatedEngine.load_weights` passes the policy's ``state_dict`` to the
-  worker through ``collective_rpc`` with a callable; in-process this is a plain function call, and the
-  model's own ``load_weights`` copies every tensor into vLLM's (fused, possibly lower-precision) parameters.
-  No file, no HTTP, no serialisation. The prefix cache is reset afterwards (its KV was computed by the old
-  weights).
-- **Side effects on the trainer.** Building a vLLM CPU worker re-seeds torch's global RNG, drops torch to
-  one intra-op thread and replaces ``torch.set_num_threads`` by a no-op; we undo all three so the trainer
-  computes and draws random numbers exactly as it would without the engine. Generation runs with per-request
-  seeds (drawn from a private RNG when the caller passes none), and torch's global RNG state, which vLLM's
-  sampler draws from anyway, is restored after every generation, so the trainer's random stream is the
-  same as without the engine.
+- **Weights in memory.** :meth:`ColocatedEngine.load_weights` passes the policy's tensors to the worker
+  through ``collective_rpc`` with a function; in-process that is a plain call (no file, no HTTP, no
+  serialisation). The function runs vLLM's in-place ``reload_weights(weights_iterator=...)``, which also
+  redoes the kernel-specific processing of the weights (vLLM's CPU linears repack theirs for oneDNN), or,
+  on a vLLM without it, the model's ``load_weights``. Either copies every tensor into vLLM's own (fused,
+  possibly lower-precision) parameters. The prefix cache is reset afterwards: its KV came from the old
+  weights.
+- **Side effects on the trainer.** Building a vLLM worker re-seeds torch's global RNG, sets torch's
+  float32 matmul precision, and (CPU) drops torch to one intra-op thread and replaces
+  ``torch.set_num_threads`` by a no-op; all of it is undone. vLLM's sampler draws from torch's global RNG
+  even for seeded requests, so that state is restored after every generation (which always runs with
+  per-request seeds, drawn from a private RNG when the caller passes none). The trainer's random stream is
+  thus the same as without the engine, and a resumed run samples what the uninterrupted one did. The loop
+  calls the engine from its own threads, so each call first gives its thread torch's OpenMP thread count
+  (see :func:`_init_omp_threads`).
 
 ``generate`` answers like the server's ``POST /generate``: raw log-probabilities (the model's
 log-softmax at temperature 1, before top-p/top-k), ``finish_reason`` ``stop`` or ``length``, and the
 version of the weights that produced the batch.
 
 :class:`ColocatedBackend` wraps the engine as the training loop's generation backend
-(``trainer_client.backends.GenerationBackend``). Only APIs present in both vLLM 0.26 and 0.32 are used
-(``LLM``, ``SamplingParams``, ``LLM.collective_rpc`` with a callable, ``sleep``/``wake_up``,
-``reset_prefix_cache``).
+(``trainer_client.backends.GenerationBackend``). It relies on long-standing public vLLM APIs (``LLM``,
+``SamplingParams``, ``LLM.collective_rpc`` with a callable, ``sleep``/``wake_up``, ``reset_prefix_cache``)
+and fails with a clear message where one is missing; the in-place ``reload_weights`` is used where the
+worker has it. Tested with vLLM 0.32 on CPU; the GPU path (sleep mode, vLLM 0.26) is not tested here.
 """
 
 from __future__ import annotations
@@ -95,9 +100,11 @@ def _trainer_state_preserved():
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    matmul_precision = torch.get_float32_matmul_precision()  # vLLM's workers set their own
     try:
         yield
     finally:
+        torch.set_float32_matmul_precision(matmul_precision)
         torch.set_num_threads = set_num_threads  # vLLM's CPU worker swaps in a no-op
         torch.set_num_threads(threads)  # vLLM drops to 1 thread "for serving"
         random.setstate(py_state)
@@ -236,11 +243,10 @@ class ColocatedEngine:
                         f"vllm {vllm.__version__} has no LLM.{api}; colocated mode needs vLLM >= 0.26"
                     )
             self.sleep_supported = self.device == "cuda" and current_platform.is_sleep_mode_available()
+            dtype = self.settings.dtype
             kwargs: dict[str, Any] = dict(
                 model=self.settings.model,
-                dtype=folder_dtype(self.settings.model)
-                if self.settings.dtype == "auto"
-                else self.settings.dtype,
+                dtype=folder_dtype(self.settings.model) if dtype == "auto" else dtype,
                 seed=self.settings.seed,
                 enforce_eager=self.settings.enforce_eager,
                 max_model_len=self.settings.max_model_len,
@@ -312,13 +318,15 @@ class ColocatedEngine:
         for out in outputs:
             completions = []
             for c in sorted(out.outputs, key=lambda c: c.index):
+                if c.finish_reason not in ("stop", "length"):  # as the server, which answers 503
+                    raise ColocateError(f"generation ended early ({c.finish_reason})")
                 lps = None
                 if logprobs:  # one {token id: Logprob} per step, holding (at least) the sampled token
                     lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
                 completions.append(
                     Completion(
                         text=c.text, token_ids=list(c.token_ids), logprobs=lps,
-                        finish_reason=c.finish_reason or "length",
+                        finish_reason=c.finish_reason,
                     )
                 )  # fmt: skip
             results.append(PromptResult(prompt_token_ids=list(out.prompt_token_ids), completions=completions))
@@ -367,13 +375,21 @@ class ColocatedEngine:
             self._asleep = False
 
     def close(self) -> None:
+        """Shut the engine down and give its memory back (KV cache, weights)."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-            del llm
+        if llm is None:
+            return
+        shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del llm
+        if self.device == "cuda":
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def settings_from_config(config, model: str | Path | None = None) -> EngineSettings:
