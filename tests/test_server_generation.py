@@ -8,10 +8,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import REFERENCE_LOGPROB_TOLERANCE
 from safetensors.torch import load_file, save_file
 
 PROMPTS = ["The cat sat on", "Once upon a time", "Hello"]
-MAX_ABS_LOGPROB_DIFF = 1e-3
+MAX_ABS_LOGPROB_DIFF = REFERENCE_LOGPROB_TOLERANCE
 
 
 # --- transformers reference -------------------------------------------------------------------------
