@@ -3,6 +3,8 @@
 #
 #   bash bench/run_gpu.sh 1 2      # generate overhead + vLLM vs transformers (about 5 minutes)
 #   bash bench/run_gpu.sh 3        # weight push for 0.1b, 0.5b, 1b (about 5-7 minutes)
+#   bash bench/run_gpu.sh tests    # the server's test suite against the CUDA engine
+#   bash bench/run_gpu.sh learn-server learn-colocate   # the 308M-parameter demo in both modes
 #   QUICK=1 bash bench/run_gpu.sh 1   # the same plumbing with --quick settings (CPU check)
 #
 # vLLM must be staged as ../shared/gpu/README.md describes (wheels copied to /root/stage); if it is not
@@ -30,13 +32,54 @@ QUICK_FLAG=()
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$DEST/gpu.txt" 2>&1
 cat "$DEST/gpu.txt"
 
+# The learning runs: `trainer-client demo --size 300m` (starter built on the GPU, cached in runs/cache while
+# the machine stays warm). Server mode: server (bf16, 0.4 of the GPU) and trainer (fp32) are two processes
+# on the GPU and share a disk, so weights go through `push: shared` (POST /weights/load). Checkpoints stay
+# in runs/gpu; only the small files are copied to $DEST. (CPU check: LEARN_SIZE=tiny LEARN_ARGS="--steps 3
+# --set device=cpu" bash bench/run_gpu.sh learn-server.)
+export ONLINE_DPO_CACHE=$PWD/runs/cache
+learn() {  # learn NAME [demo args...]
+  local name=$1; shift
+  local dir=runs/gpu/$name
+  rm -rf "$dir"
+  python3 -m trainer_client demo --size "${LEARN_SIZE:-300m}" --set device=cuda --set progress_bar=false \
+    --set log_every=10 --output-dir "$dir" "$@" > "$DEST/$name.log" 2>&1
+  local rc=$?
+  mkdir -p "$DEST/$name"
+  cp "$dir"/{summary.json,metrics.jsonl,curves.png,server.log} "$DEST/$name/" 2>/dev/null
+  return $rc
+}
+
 status=0
 for b in "$@"; do
   case $b in
     1) name=generate_overhead ;;
     2) name=vllm_vs_transformers ;;
     3) name=weight_push ;;
-    *) echo "unknown benchmark '$b' (choose 1, 2 or 3)"; exit 2 ;;
+    tests|learn-server|learn-colocate) name=$b ;;
+    *) echo "unknown benchmark '$b' (choose 1, 2, 3, tests, learn-server or learn-colocate)"; exit 2 ;;
+  esac
+  case $b in
+    tests)
+      echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
+      python3 -m pytest -q -p no:cacheprovider tests/test_server_http.py tests/test_server_generation.py \
+        tests/test_server_concurrency.py tests/test_server_units.py > "$DEST/tests.log" 2>&1
+      rc=$?; tail -n 40 "$DEST/tests.log"
+      echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
+      continue ;;
+    learn-server|learn-colocate)
+      echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
+      if [ "$b" = learn-server ]; then
+        mkdir -p runs/gpu/shared
+        learn "$b" --server-arg=--dtype=bfloat16 --server-arg=--checkpoint-root="$PWD/runs/gpu/shared" \
+          --set push=shared --set shared_dir="$PWD/runs/gpu/shared" ${LEARN_ARGS:-}
+      else
+        learn "$b" --set mode=colocate ${LEARN_ARGS:-}
+      fi
+      rc=$?
+      grep -vE '^\(|^(INFO|WARNING|DEBUG) ' "$DEST/$b.log" | tail -n 40
+      echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
+      continue ;;
   esac
   echo "=== benchmark $b: $name $(date -u +%H:%M:%S)"
   started=$SECONDS

@@ -2,6 +2,7 @@
 
     trainer-client demo                       # seed 0, 300 steps, asynchronous (max_staleness 1)
     trainer-client demo --seed 1 --set max_staleness=0 --set steps=100
+    trainer-client demo --size 300m --set device=cuda   # a 308M-parameter policy on one GPU
 
 1. Build the starter policy if it is not cached (a 0.66M-parameter Llama taught two-digit addition by a
    supervised warm-up until it is right about 40% of the time; see ``trainer_client/starter.py``).
@@ -43,12 +44,22 @@ DEMO_DEFAULTS = dict(
     output_dir="runs/demo",
 )
 
-SUMMARY_COLUMNS = [("name", ""), ("value", "")]
+# Changes to DEMO_DEFAULTS per starter size (trainer_client/starter.py: STARTER_SIZES). A policy 8x wider
+# takes proportionally larger steps at the same learning rate, so it gets about an eighth of it.
+SIZE_DEFAULTS: dict[str, dict] = {"tiny": {}, "300m": dict(learning_rate=3e-6, steps=200)}
+
+SERVER_GPU_MEMORY_UTILIZATION = 0.4
+"""Share of the GPU the demo's server takes when the trainer is on the same GPU (server mode, device=cuda);
+the trainer's policy, reference and optimizer state live in the rest."""
 
 
-def demo_config(model: str, server_url: str, seed: int, overrides: list[str]) -> TrainConfig:
-    """The demo's TrainConfig: ``DEMO_DEFAULTS``, then ``--set`` overrides, validated."""
-    data: dict = {**DEMO_DEFAULTS, "seed": seed}
+def demo_config(
+    model: str, server_url: str, seed: int, overrides: list[str], size: str = "tiny"
+) -> TrainConfig:
+    """The demo's TrainConfig: ``DEMO_DEFAULTS``, the size's changes, then ``--set`` overrides; validated."""
+    if size not in SIZE_DEFAULTS:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZE_DEFAULTS)}")
+    data: dict = {**DEMO_DEFAULTS, **SIZE_DEFAULTS[size], "seed": seed}
     for item in overrides:
         key, value = parse_override(item)
         data[key] = value
@@ -72,48 +83,57 @@ def run_demo(
     cache_dir: str | None = None,
     torch_threads: int = 1,
     log=print,
+    size: str = "tiny",
+    server_args: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """Run the whole demo; returns its summary (also written to ``output_dir/summary.json``).
 
     ``torch_threads`` applies to the warm-up and the trainer in this process. One thread is the robust
     choice on a small CPU: the server's engine works on a core of its own, and two OpenMP threads that
-    share a busy core spin-wait for each other (measured: a DPO step 10x slower under load)."""
+    share a busy core spin-wait for each other (measured: a DPO step 10x slower under load).
+
+    ``size`` names the starter (``STARTER_SIZES``); it is trained on the trainer's ``device``.
+    ``server_args`` go to ``python -m generator_server`` as they are."""
     import torch
 
     from trainer_client.client import GeneratorClient
     from trainer_client.evaluate import evaluate
     from trainer_client.local_server import local_server, pinned_to_spare_core
     from trainer_client.plots import plot_runs, read_metrics
-    from trainer_client.starter import StarterConfig, ensure_starter
+    from trainer_client.starter import ensure_starter, starter_config
     from trainer_client.tasks import load_task
     from trainer_client.train import run_training
 
     t_start = time.monotonic()
     torch.set_num_threads(torch_threads)
     # validate the overrides before minutes of work; the model and URL are placeholders until known
-    config = demo_config("starter", "http://127.0.0.1:0", seed, list(overrides))
+    config = demo_config("starter", "http://127.0.0.1:0", seed, list(overrides), size)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # --- 1. starter policy (cached) -----------------------------------------------------------------------
-    starter_cfg = StarterConfig(seed=seed)
+    starter_cfg = starter_config(size, seed=seed)
     if target_accuracy is not None:
         starter_cfg = replace(starter_cfg, target_accuracy=target_accuracy)
-    starter = ensure_starter(starter_cfg, cache_dir, log=log)
+    starter = ensure_starter(starter_cfg, cache_dir, log=log, device=config.device)
     t_starter = time.monotonic()
 
     task = load_task(config.task)
     if config.mode == "colocate":  # no server: vLLM runs inside this process (trainer_client/colocate.py)
-        config = demo_config(str(starter), config.server_url, seed, list(overrides))
+        config = demo_config(str(starter), config.server_url, seed, list(overrides), size)
         before, training, train_seconds, after = colocated_steps(config, task, starter, log)
         t_server = t_starter
     else:
         # --- 2. generation server ---------------------------------------------------------------------------
+        server_args = list(server_args)
+        memory_set = any(a.startswith("--gpu-memory-utilization") for a in server_args)
+        if config.device.startswith("cuda") and not memory_set:
+            server_args += ["--gpu-memory-utilization", str(SERVER_GPU_MEMORY_UTILIZATION)]
         log(f"generation server: starting on the starter model (log: {out / 'server.log'})")
-        with local_server(starter, log_path=out / "server.log") as url:
+        with local_server(starter, log_path=out / "server.log", extra_args=server_args) as url:
             t_server = time.monotonic()
             log(f"generation server: ready at {url} after {t_server - t_starter:.0f} s")
-            config = demo_config(str(starter), url, seed, list(overrides))
+            config = demo_config(str(starter), url, seed, list(overrides), size)
             with GeneratorClient(url) as client, pinned_to_spare_core(client.health().device == "cpu"):
                 # --- 3. before ------------------------------------------------------------------------------
                 before = evaluate(client, task, config.max_new_tokens)
@@ -141,7 +161,9 @@ def run_demo(
     summary = {
         "seed": seed,
         "task": task.name,
+        "size": size,
         "starter": str(starter),
+        "starter_stats": json.loads((starter / "starter.json").read_text()),
         "heldout_prompts": before.prompts,
         "heldout_reward_before": before.mean_reward,
         "heldout_reward_after": after.mean_reward,
@@ -202,6 +224,14 @@ def summary_table(s: dict) -> str:
 # --- command line --------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the starter model and of training")
+    parser.add_argument(
+        "--size", choices=list(SIZE_DEFAULTS), default="tiny",
+        help="starter policy: tiny (0.66M parameters, CPU) or 300m (308M, for a GPU: add --set device=cuda)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--server-arg", dest="server_args", action="append", default=[], metavar="ARG",
+        help="extra argument for the generation server, e.g. --server-arg=--dtype=bfloat16; repeatable",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, help=f"online DPO steps (default {DEMO_DEFAULTS['steps']})")
     parser.add_argument("--output-dir", help=f"default {DEMO_DEFAULTS['output_dir']}")
     parser.add_argument(
@@ -221,11 +251,19 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
     try:
-        demo_config("starter", "http://127.0.0.1:0", args.seed, overrides)
+        demo_config("starter", "http://127.0.0.1:0", args.seed, overrides, args.size)
     except (ConfigError, ValueError) as e:
         print(f"error: bad config: {e}", file=sys.stderr)
         return 2
-    summary = run_demo(args.seed, overrides, args.target_accuracy, args.cache_dir, args.torch_threads)
+    summary = run_demo(
+        args.seed,
+        overrides,
+        args.target_accuracy,
+        args.cache_dir,
+        args.torch_threads,
+        size=args.size,
+        server_args=args.server_args,
+    )
     print()
     print(summary_table(summary))
     print(f"\ncurves: {summary['curves']}\nmetrics: {summary['metrics']}")

@@ -10,6 +10,7 @@ The folder is a plain Hugging Face model folder (safetensors, fast tokenizer) th
 both load. It is cached under a key of every setting that shapes it, so the second run skips the warm-up.
 
     python -m trainer_client.starter --seed 0            # prints the folder
+    python -m trainer_client.starter --size 300m --device cuda   # a 308M-parameter starter, on a GPU
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class StarterConfig:
     """Give up (error) if the target is not reached by then."""
     batch_size: int = 128
     learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up; the wide models of ``STARTER_SIZES`` diverge without it."""
     num_validation: int = 500
     """Validation slice taken from the training prompts (the held-out set stays unseen)."""
     hidden_size: int = 128
@@ -61,8 +64,33 @@ class StarterConfig:
     """The task's train / held-out split (see ``ArithmeticTask``)."""
 
     def key(self) -> str:
-        blob = json.dumps({"format": STARTER_FORMAT, **asdict(self)}, sort_keys=True)
+        settings = asdict(self)
+        if settings["warmup_steps"] == 0:  # keep the cache keys of starters built before it existed
+            del settings["warmup_steps"]
+        blob = json.dumps({"format": STARTER_FORMAT, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+STARTER_SIZES: dict[str, dict] = {
+    "tiny": {},  # 0.66M parameters: the CPU demo
+    # 308M parameters (24 layers of width 1024): the GPU run of docs/BENCHMARKS.md. A smaller learning
+    # rate with warm-up, as usual for a model this wide.
+    "300m": dict(
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=2816,
+        learning_rate=1e-4,
+        warmup_steps=50,
+    ),
+}
+
+
+def starter_config(size: str = "tiny", **changes) -> StarterConfig:
+    """The ``StarterConfig`` of a named size (``STARTER_SIZES``), with ``changes`` on top."""
+    if size not in STARTER_SIZES:
+        raise ValueError(f"unknown starter size {size!r}; choose one of {', '.join(STARTER_SIZES)}")
+    return StarterConfig(**{**STARTER_SIZES[size], **changes})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,7 +120,7 @@ def char_tokenizer():
 # ----------------------------------------------------------------------------------------------------------
 # batches and greedy decoding (transformers, no server needed)
 # ----------------------------------------------------------------------------------------------------------
-def sft_batch(tokenizer, prompts: list[str], answers: list[str]):
+def sft_batch(tokenizer, prompts: list[str], answers: list[str], device: str = "cpu"):
     """Right-padded ``<s> prompt answer </s>`` with labels on the answer and EOS only."""
     import torch
 
@@ -110,15 +138,15 @@ def sft_batch(tokenizer, prompts: list[str], answers: list[str]):
         input_ids[i, : len(r)] = torch.tensor(r)
         label_ids[i, : len(r)] = torch.tensor(lab)
         attention[i, : len(r)] = 1
-    return input_ids, attention, label_ids
+    return input_ids.to(device), attention.to(device), label_ids.to(device)
 
 
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 4) -> list[str]:
     """Greedy decoding in transformers; every prompt has the same length, so no padding is needed."""
     import torch
 
-    ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])  # (B, T)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts], device=model.device)  # (B, T)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
     out = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -148,7 +176,8 @@ def teacher_forced_accuracy(model, tokenizer, task: ArithmeticTask, prompts: lis
 
     was_training = model.training
     model.eval()
-    input_ids, attention, labels = sft_batch(tokenizer, prompts, [task.target(p) for p in prompts])
+    answers = [task.target(p) for p in prompts]
+    input_ids, attention, labels = sft_batch(tokenizer, prompts, answers, model.device)
     with torch.no_grad():
         predicted = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].argmax(-1)  # (B, T-1)
     model.train(was_training)
@@ -168,8 +197,11 @@ def greedy_accuracy(model, tokenizer, task: ArithmeticTask, prompts: list[str]) 
 # ----------------------------------------------------------------------------------------------------------
 # warm-up
 # ----------------------------------------------------------------------------------------------------------
-def train_starter(cfg: StarterConfig, out: Path, log=print) -> dict:
-    """Supervised warm-up until validation accuracy >= ``cfg.target_accuracy``; saves into ``out``."""
+def train_starter(cfg: StarterConfig, out: Path, log=print, device: str = "cpu") -> dict:
+    """Supervised warm-up until validation accuracy >= ``cfg.target_accuracy``; saves into ``out``.
+
+    The model trains in float32 on ``device``; on a GPU its matmuls may use TF32 (the warm-up only has to
+    reach a target accuracy, which it checks itself)."""
     import random
 
     import torch
@@ -188,8 +220,10 @@ def train_starter(cfg: StarterConfig, out: Path, log=print) -> dict:
         seed=cfg.seed,
     )
     save_llama(out, tokenizer, spec)  # random init, with a config vLLM is known to accept
-    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
     model.train()
+    matmul_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
 
     rng = random.Random(cfg.seed)
     train = task.train_split()
@@ -197,16 +231,20 @@ def train_starter(cfg: StarterConfig, out: Path, log=print) -> dict:
     validation, train = train[: cfg.num_validation], train[cfg.num_validation :]
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    )
 
     t0 = time.time()
     accuracy, step = 0.0, 0
     while step < cfg.max_steps:
         prompts = rng.sample(train, cfg.batch_size)
-        input_ids, attention, labels = sft_batch(tokenizer, prompts, [task.target(p) for p in prompts])
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        batch = sft_batch(tokenizer, prompts, [task.target(p) for p in prompts], device)
+        loss = model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        warmup.step()
         step += 1
         every = cfg.eval_every_near if accuracy >= cfg.target_accuracy / 2 else cfg.eval_every
         if step % every == 0:
@@ -228,14 +266,18 @@ def train_starter(cfg: StarterConfig, out: Path, log=print) -> dict:
         "heldout_accuracy": greedy_accuracy(model, tokenizer, task, task.eval_prompts()),
         "seconds": round(time.time() - t0, 2),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "device": device,
         "config": asdict(cfg),
     }
+    torch.set_float32_matmul_precision(matmul_precision)
     (out / "starter.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
 
-def ensure_starter(cfg: StarterConfig | None = None, cache_dir: str | Path | None = None, log=print) -> Path:
-    """The cached starter folder for ``cfg``, trained first if it is not in the cache yet."""
+def ensure_starter(
+    cfg: StarterConfig | None = None, cache_dir: str | Path | None = None, log=print, device: str = "cpu"
+) -> Path:
+    """The cached starter folder for ``cfg``, trained first (on ``device``) if it is not in the cache yet."""
     cfg = cfg or StarterConfig()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / "starters" / f"arithmetic-{cfg.key()}"
@@ -246,14 +288,15 @@ def ensure_starter(cfg: StarterConfig | None = None, cache_dir: str | Path | Non
     partial = final.with_name(final.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        stats = train_starter(cfg, partial, log=log)
+        stats = train_starter(cfg, partial, log=log, device=device)
         final.parent.mkdir(parents=True, exist_ok=True)
         if not final.exists():
             partial.rename(final)  # atomic: a crash never leaves a half-written cache entry
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     log(
-        f"starter model: {stats['steps']} steps, {stats['seconds']:.0f} s, "
+        f"starter model: {stats['num_parameters'] / 1e6:.1f}M parameters, {stats['steps']} steps, "
+        f"{stats['seconds']:.0f} s on {device}, "
         f"held-out accuracy (transformers greedy) {stats['heldout_accuracy']:.3f}"
     )
     return final
@@ -263,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("--seed", type=int, default=StarterConfig.seed)
+    parser.add_argument("--size", choices=list(STARTER_SIZES), default="tiny")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--target-accuracy", type=float, default=StarterConfig.target_accuracy)
     parser.add_argument("--cache-dir", default=None, help="default: $ONLINE_DPO_CACHE or ~/.cache/online-dpo")
     parser.add_argument("--torch-threads", type=int, default=1, help="1 is fastest on a small, busy CPU")
@@ -270,8 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    cfg = StarterConfig(seed=args.seed, target_accuracy=args.target_accuracy)
-    print(ensure_starter(cfg, args.cache_dir))
+    cfg = starter_config(args.size, seed=args.seed, target_accuracy=args.target_accuracy)
+    print(ensure_starter(cfg, args.cache_dir, device=args.device))
 
 
 if __name__ == "__main__":
