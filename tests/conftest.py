@@ -25,8 +25,9 @@ bit-reproducible the way its CPU ones are: a repeated prompt is read from the pr
 kernel path, and vLLM's worker runs float32 matmuls in TF32. So exact equality becomes a tolerance there."""
 REPEAT_LOGPROB_TOLERANCE = 1e-3 if ON_GPU else 0.0
 """Same weights, same request, asked twice: CPU answers are identical to the last bit."""
-REFERENCE_LOGPROB_TOLERANCE = 0.1 if ON_GPU else 1e-3
-"""vLLM against transformers (fp32, eager) on the same weights; TF32 on the GPU measured up to 0.07."""
+REFERENCE_LOGPROB_TOLERANCE = 0.25 if ON_GPU else 1e-3
+"""vLLM against transformers (fp32, eager) on the same weights; TF32 on the GPU measured up to 0.12 on
+the tests' random-weight models, whose logits are large."""
 
 
 def same_outputs(a: dict, b: dict) -> bool:
@@ -47,6 +48,24 @@ def same_outputs(a: dict, b: dict) -> bool:
                 if any(abs(x - y) > REPEAT_LOGPROB_TOLERANCE for x, y in pairs):
                     return False
     return True
+
+
+def answer_distance(a: dict, b: dict) -> float:
+    """How far apart two answers to the same request are: per completion, every token after the first
+    one that differs counts 1, and on the common prefix the log-probability differences add up. On the GPU
+    a batch of other requests changes the rounding, and a near-tie can flip a greedy token."""
+    total = 0.0
+    for ra, rb in zip(a["results"], b["results"], strict=True):
+        for ca, cb in zip(ra["completions"], rb["completions"], strict=True):
+            same = 0
+            while same < min(len(ca["token_ids"]), len(cb["token_ids"])) and (
+                ca["token_ids"][same] == cb["token_ids"][same]
+            ):
+                same += 1
+            total += max(len(ca["token_ids"]), len(cb["token_ids"])) - same
+            prefix = zip(ca["logprobs"][:same], cb["logprobs"][:same], strict=True)
+            total += sum(abs(x - y) for x, y in prefix)
+    return total
 
 
 def text_matches_tokens(text: str, decoded: str) -> bool:

@@ -7,7 +7,7 @@ import threading
 import time
 
 import httpx
-from conftest import same_outputs
+from conftest import ON_GPU, answer_distance, same_outputs
 
 PROMPTS = ["The cat sat on", "Once upon a time", "Hello", "A B C"]
 REQUEST = {"prompts": PROMPTS, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True, "logprobs": True}
@@ -83,7 +83,13 @@ def test_generation_during_pushes(server, make_weights):
         served_from = pushed[version][0]
         served_until = pushed[version + 1][1] if version < last else float("inf")
         assert served_from <= finished and started <= served_until, (version, started, finished)
-        assert same_outputs(_outputs(body), expected[weights_of[version]]), f"version {version}: other output"
+        own = expected[weights_of[version]]
+        if ON_GPU:  # not bit-reproducible next to other requests: its own expected answer is the nearest
+            distances = [answer_distance(body, e) for e in expected]
+            others = [d for i, d in enumerate(distances) if i != weights_of[version]]
+            assert distances[weights_of[version]] < min(others), (version, distances)
+        else:
+            assert same_outputs(_outputs(body), own), f"version {version} generated other outputs"
     assert len(answers) >= N_PUSHES and len(seen) >= 3, (len(answers), sorted(seen))
 
 

@@ -184,25 +184,30 @@ def run_demo(
 
 
 def colocated_steps(config: TrainConfig, task, starter: Path, log=print):
-    """Steps 3-5 in colocated mode: each evaluation builds its own in-process engine (on the starter, then
-    on the final checkpoint), and ``run_training`` builds the training one. Returns ``(before, training,
-    train_seconds, after)``."""
-    from trainer_client.colocate import local_engine
+    """Steps 3-5 in colocated mode, on one in-process engine: it evaluates the starter, serves the training
+    loop (which hands it every new version in memory) and evaluates the final weights. Returns ``(before,
+    training, train_seconds, after)``."""
+    from trainer_client.colocate import ColocatedBackend
     from trainer_client.evaluate import evaluate
     from trainer_client.train import run_training
 
-    with local_engine(starter, config) as engine:
-        before = evaluate(engine, task, config.max_new_tokens)
-    log(f"held-out reward before: {before.mean_reward:.3f} ({before.prompts} prompts, greedy)")
-    log(
-        f"online DPO (colocated): {config.steps} steps x {config.batch_size} prompts x "
-        f"{config.samples_per_prompt} samples, max_staleness {config.max_staleness}"
-    )
-    t_train = time.monotonic()
-    training = run_training(config)
-    train_seconds = time.monotonic() - t_train
-    with local_engine(training["final_checkpoint"], config) as engine:
-        after = evaluate(engine, task, config.max_new_tokens)
+    backend = ColocatedBackend.from_config(config)
+    try:
+        before = evaluate(backend.engine, task, config.max_new_tokens)
+        log(f"held-out reward before: {before.mean_reward:.3f} ({before.prompts} prompts, greedy)")
+        log(
+            f"online DPO (colocated): {config.steps} steps x {config.batch_size} prompts x "
+            f"{config.samples_per_prompt} samples, max_staleness {config.max_staleness}"
+        )
+        t_train = time.monotonic()
+        training = run_training(config, backend=backend)
+        train_seconds = time.monotonic() - t_train
+        final = training["server_version"]
+        if backend.version() != final:
+            raise RuntimeError(f"colocated engine at version {backend.version()}, not the final {final}")
+        after = evaluate(backend.engine, task, config.max_new_tokens)
+    finally:
+        backend.close()
     return before, training, train_seconds, after
 
 

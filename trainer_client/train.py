@@ -287,10 +287,15 @@ def mean(xs) -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
-def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -> dict:
+def run_training(
+    config: TrainConfig, resume: str | None = None, on_step=None, backend: GenerationBackend | None = None
+) -> dict:
     """Train for ``config.steps`` steps (continuing from checkpoint folder ``resume``); returns a summary.
 
-    ``on_step(record)``, if given, is called in the training thread after every step."""
+    ``on_step(record)``, if given, is called in the training thread after every step. ``backend``, if
+    given, is used instead of one built from the config and left open (the caller closes it); the colocated
+    demo evaluates on its engine before and after, since a GPU process cannot build a second engine with
+    sleep mode after closing one (vLLM 0.26)."""
     c = config
     out = Path(c.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,9 +338,10 @@ def run_training(config: TrainConfig, resume: str | None = None, on_step=None) -
     metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
     # --- the server: reachable? same architecture? which version offset? ----------------------------------
-    backend = make_backend(c)
     cleanup = ExitStack()  # closed on any exit: threads stopped, files and connections closed
-    cleanup.callback(backend.close)
+    if backend is None:
+        backend = make_backend(c)
+        cleanup.callback(backend.close)
     try:
         if hasattr(backend, "wait_until_ready"):
             backend.wait_until_ready(c.connect_timeout)
