@@ -322,3 +322,24 @@ def test_wrong_api_key_is_a_clear_error(server, tiny_model_dir, length_task, tmp
     )  # fmt: skip
     assert proc.returncode == 3, proc.stderr
     assert "401" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_non_finite_weights_are_never_pushed(server, tiny_model_dir, length_task, tmp_path):
+    """A policy holding NaN (a broken folder, or a step that blew up) stops the trainer with a clear error
+    before its weights reach the server, which keeps serving what it served."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, broken / "model.safetensors")
+    version = server.weights_version()
+    proc = run_cli(
+        f"model={broken}", f"ref_model={tiny_model_dir}", f"server_url={server.url}",
+        f"api_key={server.api_key}", f"task={length_task}", "reward=length", f"output_dir={tmp_path / 'out'}",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: not finite:") and "model.norm.weight" in last, last
+    assert server.weights_version() == version

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"generation server: {e}", EXIT_SERVER)
 
     from trainer_client.colocate import ColocateError
-    from trainer_client.train import IncompatibleServerError, run_training
+    from trainer_client.train import IncompatibleServerError, NotFiniteError, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"generation server: {e}", EXIT_SERVER)
     except ColocateError as e:
         return fail(f"colocated engine: {e}", EXIT_RUNTIME)
+    except NotFiniteError as e:
+        return fail(f"not finite: {e}", EXIT_RUNTIME)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
     print(f"done: {summary['steps']} steps, final checkpoint {summary['final_checkpoint']}")

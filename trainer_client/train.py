@@ -49,6 +49,11 @@ log = logging.getLogger("trainer_client")
 METRICS_FILE = "metrics.jsonl"
 
 
+class NotFiniteError(RuntimeError):
+    """A loss, gradient norm or weight is NaN or infinite: the trainer stops before it applies or pushes it,
+    so the server keeps serving the last finite weights."""
+
+
 class IncompatibleServerError(RuntimeError):
     """The server serves a model whose tensor names or shapes differ from the policy's."""
 
@@ -96,6 +101,16 @@ def snapshot_weights(state_dict: dict[str, torch.Tensor], dtypes: dict[str, str]
             dtype = t.dtype
         out[name] = t.to("cpu", dtype=dtype, copy=True)
     return out
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], advice: str) -> None:
+    """Raise :class:`NotFiniteError` naming the tensors that hold NaN or Inf (one device sync if none do)."""
+    floats = [n for n, t in state_dict.items() if t.is_floating_point()]
+    finite = [torch.isfinite(state_dict[n]).all() for n in floats]
+    if finite and not bool(torch.stack(finite).all()):
+        bad = [n for n, ok in zip(floats, finite, strict=True) if not ok]
+        names = ", ".join(bad[:3])
+        raise NotFiniteError(f"the policy's weights hold NaN or Inf ({names}), not pushed; {advice}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,6 +332,7 @@ def run_training(
     reference = AutoModelForCausalLM.from_pretrained(c.ref_model or c.model, dtype=torch.float32).to(c.device)
     policy.eval()  # no dropout: the log-probabilities must be those the server samples with
     reference.eval().requires_grad_(False)
+    check_finite(policy.state_dict(), f"check the model folder {resume or c.model}")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c))
     start_step = 0
@@ -350,7 +366,9 @@ def run_training(
         offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
 
         def snapshot() -> dict[str, torch.Tensor]:  # a copy the optimizer will not modify while it is pushed
-            return snapshot_weights(policy.state_dict(), {n: server_tensors[n][1] for n in push_names})
+            state = policy.state_dict()
+            check_finite(state, "lower learning_rate and resume from the last checkpoint")
+            return snapshot_weights(state, {n: server_tensors[n][1] for n in push_names})
 
         pusher = Pusher(backend, offset, served=start_step)
         cleanup.callback(pusher.abort)
@@ -439,8 +457,15 @@ def run_training(
                     stats["kl_sum"] += (policy_tok - ref_tok).sum().item()  # of log pi - log pi_ref
                     stats["kl_tokens"] += int(completion_mask.sum().item())
             grad_norm = None
-            if P and c.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm).item()
+            if P:  # (an infinite max_norm only measures)
+                max_norm = c.max_grad_norm if c.max_grad_norm is not None else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm).item()
+                if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
+                    raise NotFiniteError(
+                        f"step {step}: loss {stats['loss']}, gradient norm {grad_norm}; the step was not "
+                        f"applied and the server keeps version {step - 1 + offset} at most. Lower "
+                        "learning_rate (or set max_grad_norm) and resume from the last checkpoint"
+                    )
             optimizer.step()  # without pairs no parameter has a gradient: the weights stay as they are
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
