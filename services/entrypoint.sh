@@ -51,11 +51,8 @@ case $role in
             --set "server_url=$(yaml_str "$url")"
             --set "output_dir=$(yaml_str "${RUN_DIR:?}")"
         )
+        # GENERATOR_API_KEY reaches trainer-client through the environment, never its command line (ps)
         eval_args=(eval --task "${EVAL_TASK:-}" --server-url "$url")
-        if [[ -n ${GENERATOR_API_KEY:-} ]]; then
-            overrides+=(--set "api_key=$(yaml_str "$GENERATOR_API_KEY")")
-            eval_args+=(--api-key "$GENERATOR_API_KEY")
-        fi
         case ${WEIGHTS_PUSH:-http} in
             http) ;;
             shared)

@@ -44,7 +44,7 @@ DOCKERFILE = ROOT / "services" / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERIGNORE = ROOT / ".dockerignore"
 API_KEY = "31415926535897932384"
-"""Digits only: YAML reads it as an int unless the entrypoint quotes it for ``--set api_key=...``."""
+"""Digits only: it must reach the trainer as a string (it goes through the environment, not YAML)."""
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD", re.I)
 STEPS = 2
 START_TIMEOUT_S = 900.0

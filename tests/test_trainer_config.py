@@ -132,3 +132,15 @@ def test_shared_push_needs_a_folder():
     with pytest.raises(ConfigError, match="shared_dir"):
         load_config(None, ["model=m", "push=shared"])
     assert load_config(None, ["model=m", "push=shared", "shared_dir=/ckpt/pushed"]).push == "shared"
+
+
+def test_api_key_comes_from_the_environment_and_is_never_written(monkeypatch):
+    monkeypatch.setenv("GENERATOR_API_KEY", "s3cret-from-env")
+    config = TrainConfig(model="m")
+    assert config.api_key == "s3cret-from-env"
+    assert TrainConfig(model="m", api_key="given").api_key == "given"  # an explicit key wins
+    # checkpoints and summaries store model_dump(); logs show repr()
+    assert "api_key" not in config.model_dump() and "s3cret" not in json.dumps(config.model_dump())
+    assert "s3cret" not in repr(config)
+    monkeypatch.delenv("GENERATOR_API_KEY")
+    assert TrainConfig(model="m").api_key is None

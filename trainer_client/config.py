@@ -5,6 +5,7 @@ This module imports no torch, so the command line can parse and check a config i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -37,8 +38,11 @@ class TrainConfig(BaseModel):
     the `colocate_*` keys below)."""
     server_url: str = Field("http://127.0.0.1:8000", pattern=r"^https?://")
     """Base URL of the generation server."""
-    api_key: str | None = None
-    """Bearer token of the server (its --api-key); default: none."""
+    api_key: str | None = Field(
+        default_factory=lambda: os.environ.get("GENERATOR_API_KEY") or None, exclude=True, repr=False
+    )
+    """Bearer token of the server (its --api-key); default: `$GENERATOR_API_KEY`, the variable the server
+    reads it from, which keeps it off command lines. Never written to checkpoints, summaries or logs."""
     request_timeout: float = Field(600.0, gt=0)
     """Seconds one HTTP request may take (a generate of a whole batch, a weight push)."""
     max_retries: int = Field(10, ge=0)

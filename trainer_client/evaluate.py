@@ -11,6 +11,7 @@ is the accuracy.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -88,7 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder; without --server-url a server is started for it")
     parser.add_argument("--task", default="arithmetic", help="built-in task name or JSONL file")
     parser.add_argument("--server-url", help="evaluate what this running server serves now")
-    parser.add_argument("--api-key", help="the server's API key, if it has one")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("GENERATOR_API_KEY"),
+        help="the server's API key, if it has one (default: $GENERATOR_API_KEY)",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's hint, else 64")
     parser.add_argument("--server-log", help="log file of the server started here (default: discarded)")
 
