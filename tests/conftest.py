@@ -78,6 +78,26 @@ def answer_distance(a: dict, b: dict) -> float:
     return total
 
 
+def max_logprob_diff_to_trainer(model_dir, samples) -> float:
+    """Largest |served - trainer| log-probability over ``samples``, ``(prompt_token_ids, completion)`` pairs
+    whose completions carry ``token_ids`` and ``logprobs``; the trainer's side is ``token_logps`` of the
+    model folder ``model_dir`` in fp32, as the training loop computes it."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer_client.dpo import collate, token_logps
+
+    prompts = [p for p, _ in samples]
+    completions = [c.token_ids for _, c in samples]
+    input_ids, attention_mask, _ = collate(prompts, completions, pad_id=0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = token_logps(model, input_ids, attention_mask)  # (B, T)
+    return max(
+        (ours[i, len(p) : len(p) + len(c.token_ids)] - torch.tensor(c.logprobs)).abs().max().item()
+        for i, (p, c) in enumerate(samples)
+    )
+
+
 def text_matches_tokens(text: str, decoded: str) -> bool:
     """``text`` is ``decoded`` (``tokenizer.decode(token_ids)``), except that vLLM's detokenizer holds back an
     incomplete UTF-8 sequence at the very end (byte-level BPE can stop mid-character), which ``decode``

@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from conftest import max_logprob_diff_to_trainer
 
 import trainer_client.train as train_module
 from trainer_client.config import TrainConfig
-from trainer_client.dpo import collate, token_logps
 from trainer_client.train import run_training
 
 STEPS = 4
@@ -100,27 +99,10 @@ def test_engine_serves_the_trained_weights(colocated_run, tiny_model_dir):
         ["Count to 3:", "Count to 11:"], n=2, max_tokens=12, temperature=1.0, seed=7, logprobs=True
     )
     assert batch.weights_version == STEPS
-    prompts, completions, served = [], [], []
-    for prompt_ids, row in zip(batch.prompt_token_ids, batch.completions, strict=True):
-        for c in row:
-            prompts.append(prompt_ids)
-            completions.append(c.token_ids)
-            served.append(torch.tensor(c.logprobs))
-    input_ids, attention_mask, _ = collate(prompts, completions, pad_id=0)
-
-    def max_diff(model_dir) -> float:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        with torch.no_grad():
-            ours = token_logps(model, input_ids, attention_mask)  # (B, T)
-        return max(
-            (ours[i, len(p) : len(p) + len(c)] - s).abs().max().item()
-            for i, (p, c, s) in enumerate(zip(prompts, completions, served, strict=True))
-        )
-
-    assert max_diff(summary["final_checkpoint"]) < 1e-3
-    assert max_diff(tiny_model_dir) > 1e-2  # and they are not the initial weights
+    rows = zip(batch.prompt_token_ids, batch.completions, strict=True)
+    samples = [(prompt_ids, c) for prompt_ids, row in rows for c in row]
+    assert max_logprob_diff_to_trainer(summary["final_checkpoint"], samples) < 1e-3
+    assert max_logprob_diff_to_trainer(tiny_model_dir, samples) > 1e-2  # and not the initial weights
 
 
 def test_resume_through_the_cli_gives_the_same_metrics(base_config, tmp_path):

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import yaml
+from conftest import max_logprob_diff_to_trainer
 from server_process import free_port, running_server
 
 from trainer_client.backends import ServerBackend
 from trainer_client.client import GeneratorClient
 from trainer_client.config import TrainConfig
-from trainer_client.dpo import collate, token_logps
 from trainer_client.train import run_training
 
 STEPS = 5
@@ -133,27 +132,9 @@ def test_pushed_weights_are_the_trained_ones(async_run, server, tiny_model_dir):
         out = client.generate(
             prompts=["Count to 3:", "Count to 11:"], n=2, max_tokens=12, seed=7, logprobs=True
         )
-    prompts, completions, served = [], [], []
-    for result in out.results:
-        for c in result.completions:
-            prompts.append(result.prompt_token_ids)
-            completions.append(c.token_ids)
-            served.append(torch.tensor(c.logprobs))
-    input_ids, attention_mask, _ = collate(prompts, completions, pad_id=0)
-
-    def max_diff(model_dir) -> float:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        with torch.no_grad():
-            ours = token_logps(model, input_ids, attention_mask)  # (B, T)
-        return max(
-            (ours[i, len(p) : len(p) + len(c)] - s).abs().max().item()
-            for i, (p, c, s) in enumerate(zip(prompts, completions, served, strict=True))
-        )
-
-    assert max_diff(summary["final_checkpoint"]) < 1e-3
-    assert max_diff(tiny_model_dir) > 1e-2  # and they are not the initial weights
+    samples = [(result.prompt_token_ids, c) for result in out.results for c in result.completions]
+    assert max_logprob_diff_to_trainer(summary["final_checkpoint"], samples) < 1e-3
+    assert max_logprob_diff_to_trainer(tiny_model_dir, samples) > 1e-2  # and not the initial weights
 
 
 @pytest.fixture(scope="module")
