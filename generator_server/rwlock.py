@@ -25,6 +25,10 @@ class ReadersWriterLock:
     def readers(self) -> int:
         return self._readers
 
+    @property
+    def writers_waiting(self) -> int:
+        return self._writers_waiting
+
     def _wake_all(self) -> None:
         waiters, self._waiters = self._waiters, []
         for future in waiters:

@@ -121,7 +121,11 @@ def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_we
     time.sleep(0.5)
     pusher = threading.Thread(target=push)
     pusher.start()
-    time.sleep(0.3)
+    with server.client() as client:  # the push has arrived and waits for the long request to finish
+        deadline = time.monotonic() + 120
+        while "generator_weight_loads_waiting 1.0" not in client.get("/metrics").text:
+            assert time.monotonic() < deadline and "push answered" not in events, "the push never waited"
+            time.sleep(0.05)
     short = threading.Thread(target=run, args=("short", {"prompts": ["Hi"], "max_tokens": 2}))
     short.start()
     for t in (long, pusher, short):
