@@ -93,13 +93,11 @@ def test_generation_during_pushes(server, make_weights):
     assert len(answers) >= N_PUSHES and len(seen) >= 3, (len(answers), sorted(seen))
 
 
-def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_weights):
-    """A long request runs when a push arrives: it finishes on the old weights, the push waits for it, and
-    a request arriving during the wait runs after the swap, on the new weights."""
-    old = server.weights_version()
-    new_weights = make_weights(seed=400)
-    # 32k tokens: several seconds on a CPU (about 4k tokens/s for this model on a busy 2-core machine).
-    long_request = {"prompts": ["The cat"] * 128, "max_tokens": 250, "ignore_eos": True, "temperature": 1.0}
+def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Start a long request, push while it runs, and once the push is seen waiting for it send a short
+    request. Returns when each thing was sent and answered, and the version each request was served from."""
+    long_request = {"prompts": ["The cat"] * n_prompts, "max_tokens": 250, "ignore_eos": True}
+    version = server.weights_version() + 1
     events: dict[str, float] = {}
     versions: dict[str, int] = {}
 
@@ -113,7 +111,7 @@ def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_we
 
     def push() -> None:
         events["push sent"] = time.monotonic()
-        assert server.push(new_weights, old + 1).status_code == 200
+        assert server.push(weights, version).status_code == 200
         events["push answered"] = time.monotonic()
 
     long = threading.Thread(target=run, args=("long", long_request))
@@ -121,17 +119,35 @@ def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_we
     time.sleep(0.5)
     pusher = threading.Thread(target=push)
     pusher.start()
-    with server.client() as client:  # the push has arrived and waits for the long request to finish
-        deadline = time.monotonic() + 120
-        while "generator_weight_loads_waiting 1.0" not in client.get("/metrics").text:
-            assert time.monotonic() < deadline and "push answered" not in events, "the push never waited"
+    with server.client() as client:
+        while "push answered" not in events:
+            if "generator_weight_loads_waiting 1.0" in client.get("/metrics").text:
+                events["push seen waiting"] = time.monotonic()
+                break
             time.sleep(0.05)
     short = threading.Thread(target=run, args=("short", {"prompts": ["Hi"], "max_tokens": 2}))
     short.start()
     for t in (long, pusher, short):
-        t.join(timeout=300)
+        t.join(timeout=600)
+    return events, versions
 
-    assert events["long answered"] > events["short sent"], "the long request was too short to test anything"
-    assert versions == {"long": old, "short": old + 1}
-    assert events["push answered"] >= events["long answered"]
-    assert events["short answered"] >= events["long answered"]
+
+def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_weights):
+    """A long request runs when a push arrives: it finishes on the old weights, the push waits for it, and
+    a request arriving during the wait runs after the swap, on the new weights."""
+    weights = make_weights(seed=400)
+    # 128 x 250 tokens takes several seconds on a 2-core CPU, but on a loaded machine the push has been seen
+    # to reach the server only as the long request ended; then the test runs again with a longer one.
+    for n_prompts in (128, 512, 2048):
+        old = server.weights_version()
+        events, versions = _push_during_a_long_request(server, weights, n_prompts)
+        start = events["long sent"]
+        timeline = {name: round(t - start, 3) for name, t in sorted(events.items(), key=lambda e: e[1])}
+        long_ran_until = events["long answered"]
+        if long_ran_until > events["short sent"] or events["push answered"] < long_ran_until:
+            break  # the short request came while the long one ran, or the push did not wait for it
+    assert "push seen waiting" in events, f"the push never waited: {timeline}"
+    assert events["long answered"] > events["short sent"], f"the long request was too short: {timeline}"
+    assert versions == {"long": old, "short": old + 1}, timeline
+    assert events["push answered"] >= events["long answered"], timeline
+    assert events["short answered"] >= events["long answered"], timeline
