@@ -7,6 +7,7 @@ assume which weights an earlier test left behind.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -103,6 +104,25 @@ def text_matches_tokens(text: str, decoded: str) -> bool:
     incomplete UTF-8 sequence at the very end (byte-level BPE can stop mid-character), which ``decode``
     writes as U+FFFD: the tail that may be missing is U+FFFD only."""
     return decoded.startswith(text) and set(decoded[len(text) :]) <= {"\ufffd"}
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """A training run's ``metrics.jsonl``, one dict per step."""
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    """Metrics records without their ``*_seconds`` keys (timings differ between identical runs)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+
+
+@pytest.fixture(scope="session")
+def length_task(tmp_path_factory) -> Path:
+    """40 counting prompts as a JSONL task: with the ``length`` reward every prompt's samples differ, so
+    every step has pairs."""
+    path = tmp_path_factory.mktemp("task") / "count.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(40)))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,35 +7,19 @@ Like tests/test_trainer_e2e.py, it trains the tiny model on a JSONL of prompts w
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import max_logprob_diff_to_trainer
+from conftest import max_logprob_diff_to_trainer, read_metrics, without_timings
 
 import trainer_client.train as train_module
 from trainer_client.config import TrainConfig
 from trainer_client.train import run_training
 
 STEPS = 4
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timings(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
-
-
-@pytest.fixture(scope="module")
-def length_task(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("task") / "count.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(40)))
-    return path
 
 
 @pytest.fixture(scope="module")

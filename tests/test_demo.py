@@ -63,3 +63,20 @@ def test_shortened_demo_raises_heldout_reward(tmp_path):
     assert 0.2 <= summary["heldout_reward_before"] <= 0.8
     # the main claim: online DPO through the server makes the model better on prompts it never saw
     assert summary["heldout_reward_after"] >= summary["heldout_reward_before"] + 0.03, summary
+
+    # the final checkpoint is a model folder: `trainer-client eval` with its own in-process engine scores it
+    # as the demo's server did
+    final = summary["final_checkpoint"]
+    cmd = [sys.executable, "-m", "trainer_client", "eval", "--colocate", "--json", "--model", final]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evaluation = json.loads(proc.stdout)  # the one JSON object, vLLM's log on stderr
+    assert evaluation["prompts"] == len(ArithmeticTask().eval_prompts())
+    assert evaluation["mean_reward"] == pytest.approx(summary["heldout_reward_after"], abs=0.01), evaluation
+
+
+def test_eval_refuses_colocate_with_a_server_url():
+    cmd = [sys.executable, "-m", "trainer_client", "eval", "--colocate", "--server-url", "http://127.0.0.1:1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: --colocate evaluates --model DIR in this process: drop --server-url"

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import max_logprob_diff_to_trainer
+from conftest import max_logprob_diff_to_trainer, read_metrics, without_timings
 from server_process import free_port, running_server
 
 from trainer_client.backends import ServerBackend
@@ -34,21 +34,6 @@ REQUIRED_KEYS = {
     "step", "batch_weights_version", "staleness", "reward_mean", "reward_chosen", "reward_rejected", "loss",
     "kl", "gen_seconds", "train_seconds", "push_seconds", "wall_seconds",
 }  # fmt: skip
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timings(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
-
-
-@pytest.fixture(scope="module")
-def length_task(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("task") / "count.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(40)))
-    return path
 
 
 @pytest.fixture(scope="module")

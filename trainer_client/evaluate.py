@@ -2,15 +2,18 @@
 
     trainer-client eval --model DIR --task arithmetic                          # starts a server itself
     trainer-client eval --task arithmetic --server-url http://127.0.0.1:8000  # whatever it serves now
+    trainer-client eval --model DIR --colocate [--device cuda]                # vLLM in this process
 
 Every held-out prompt of the task goes to ``POST /generate`` in one batch with temperature 0 (greedy);
 each completion is scored with the task's reward. For a 0/1 reward such as exact match, the mean reward
-is the accuracy.
+is the accuracy. With ``--colocate`` the same request goes to a vLLM engine built in this process (the
+colocated mode's engine), so no server is needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,8 +38,9 @@ class EvalResult:
         return asdict(self)
 
 
-def evaluate(client: GeneratorClient, task, max_new_tokens: int | None = None) -> EvalResult:
-    """Greedy completions of all of ``task.eval_prompts()`` from the server, scored by ``task.reward``."""
+def evaluate(client, task, max_new_tokens: int | None = None) -> EvalResult:
+    """Greedy completions of all of ``task.eval_prompts()``, scored by ``task.reward``. ``client`` is a
+    :class:`GeneratorClient` or a colocated engine: anything with the server's ``generate``."""
     prompts = task.eval_prompts()
     t0 = time.monotonic()
     out = client.generate(
@@ -95,12 +99,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's hint, else 64")
     parser.add_argument("--server-log", help="log file of the server started here (default: discarded)")
+    parser.add_argument(
+        "--colocate", action="store_true", help="build the vLLM engine in this process instead of a server"
+    )
+    parser.add_argument("--device", default="cpu", help="--colocate: cpu or cuda (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+class _CannotStart(Exception):
+    """The engine or server to evaluate with could not be started."""
+
+
+def _evaluate_as_asked(args: argparse.Namespace, task) -> tuple[EvalResult, str]:
+    """Evaluate with a colocated engine, a running server or a server started here; ``(result, label)``."""
+    if args.colocate:
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the result only
+        from trainer_client.colocate import ColocatedEngine, ColocateError, EngineSettings
+
+        try:
+            engine = ColocatedEngine(EngineSettings(model=args.model, device=args.device))
+        except ColocateError as e:
+            raise _CannotStart(str(e)) from e
+        try:
+            return evaluate(engine, task, args.max_new_tokens), args.model
+        finally:
+            engine.close()
+    if args.server_url:
+        with GeneratorClient(args.server_url, api_key=args.api_key) as client:
+            return evaluate(client, task, args.max_new_tokens), args.model or client.health().model
+    from trainer_client.local_server import ServerStartError, local_server
+
+    try:
+        with local_server(args.model, log_path=args.server_log) as url, GeneratorClient(url) as client:
+            return evaluate(client, task, args.max_new_tokens), args.model
+    except ServerStartError as e:
+        raise _CannotStart(str(e)) from e
 
 
 def run(args: argparse.Namespace) -> int:
-    """Greedy held-out accuracy / mean reward of a model through the generation server, as a table."""
+    """Greedy held-out accuracy / mean reward of a model, as a table (or JSON)."""
     if not args.model and not args.server_url:
         print("error: give --model DIR (a server is started for it) or --server-url URL", file=sys.stderr)
+        return 2
+    if args.colocate and args.server_url:
+        print("error: --colocate evaluates --model DIR in this process: drop --server-url", file=sys.stderr)
         return 2
     try:
         task = load_task(args.task)
@@ -108,25 +150,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.server_url:
-            with GeneratorClient(args.server_url, api_key=args.api_key) as client:
-                result = evaluate(client, task, args.max_new_tokens)
-                label = args.model or client.health().model
-        else:
-            from trainer_client.local_server import ServerStartError, local_server
-
-            try:
-                with local_server(args.model, log_path=args.server_log) as url:
-                    with GeneratorClient(url) as client:
-                        result = evaluate(client, task, args.max_new_tokens)
-            except ServerStartError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 3
-            label = args.model
+        result, label = _evaluate_as_asked(args, task)
+    except _CannotStart as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except GeneratorError as e:
         print(f"error: generation server: {e}", file=sys.stderr)
         return 3
-    print(format_table([{"model": label, **result.as_dict()}], EVAL_COLUMNS))
+    row = {"model": label, **result.as_dict()}
+    print(json.dumps(row) if args.json else format_table([row], EVAL_COLUMNS))
     return 0
 
 
