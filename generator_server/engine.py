@@ -64,6 +64,7 @@ class GenerationEngine:
         self.broken: str | None = None
         """Why the engine can no longer serve, if it cannot."""
         self._weights_lock = ReadersWriterLock()
+        metrics.requests_running.set_function(lambda: self._weights_lock.readers)
         metrics.weight_loads_waiting.set_function(lambda: self._weights_lock.writers_waiting)
         self._reload_mutex = asyncio.Lock()
         self._llm = None

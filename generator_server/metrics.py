@@ -38,6 +38,11 @@ class ServerMetrics:
             registry=r,
         )
         self.weights_version = Gauge("generator_weights_version", "Weights version being served", registry=r)
+        self.requests_running = Gauge(
+            "generator_generate_requests_running",
+            "/generate requests generating now (on the served weights)",
+            registry=r,
+        )
         self.weight_loads_waiting = Gauge(
             "generator_weight_loads_waiting",
             "Weight reloads waiting for running /generate requests to finish (new requests wait behind them)",

@@ -94,7 +94,7 @@ def test_generation_during_pushes(server, make_weights):
 
 
 def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Start a long request, push while it runs, and once the push is seen waiting for it send a short
+    """Start a long request; once it runs, push; once the push is seen waiting for it, send a short
     request. Returns when each thing was sent and answered, and the version each request was served from."""
     long_request = {"prompts": ["The cat"] * n_prompts, "max_tokens": 250, "ignore_eos": True}
     version = server.weights_version() + 1
@@ -116,10 +116,12 @@ def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[s
 
     long = threading.Thread(target=run, args=("long", long_request))
     long.start()
-    time.sleep(0.5)
-    pusher = threading.Thread(target=push)
-    pusher.start()
     with server.client() as client:
+        while "generator_generate_requests_running 1.0" not in client.get("/metrics").text:
+            assert "long answered" not in events, "the long request was never seen running"
+            time.sleep(0.05)
+        pusher = threading.Thread(target=push)
+        pusher.start()
         while "push answered" not in events:
             if "generator_weight_loads_waiting 1.0" in client.get("/metrics").text:
                 events["push seen waiting"] = time.monotonic()

@@ -87,6 +87,7 @@ def test_metrics_count_requests_tokens_and_version(client):
         "generator_generate_requests_total", "generator_prompts_total", "generator_generated_tokens_total",
         "generator_generate_latency_seconds_bucket", "generator_weight_loads_total",
         "generator_weight_load_seconds_count", "generator_weights_version", "generator_weight_loads_waiting",
+        "generator_generate_requests_running",
     ):  # fmt: skip
         assert name in text, name
     assert _metric(text, "generator_generated_tokens_total") - _metric(
@@ -94,6 +95,7 @@ def test_metrics_count_requests_tokens_and_version(client):
     ) == (generated)
     assert _metric(text, "generator_weights_version") == client.get("/health").json()["weights_version"]
     assert _metric(text, "generator_weight_loads_waiting") == 0  # no reload in flight
+    assert _metric(text, "generator_generate_requests_running") == 0  # the probe has been answered
 
 
 def _metric(text: str, name: str) -> float:
