@@ -5,6 +5,7 @@
 #   bash bench/run_gpu.sh 3        # weight push for 0.1b, 0.5b, 1b (about 5-7 minutes)
 #   bash bench/run_gpu.sh tests    # the server's test suite against the CUDA engine
 #   bash bench/run_gpu.sh learn-server learn-colocate   # the 308M-parameter demo in both modes
+#   bash bench/run_gpu.sh learn-server-2gpu    # server mode with the server on GPU 1, trainer on GPU 0
 #   QUICK=1 bash bench/run_gpu.sh 1   # the same plumbing with --quick settings (CPU check)
 #
 # vLLM must be staged as ../shared/gpu/README.md describes (wheels copied to /root/stage); if it is not
@@ -56,8 +57,9 @@ for b in "$@"; do
     1) name=generate_overhead ;;
     2) name=vllm_vs_transformers ;;
     3) name=weight_push ;;
-    tests|learn-server|learn-colocate) name=$b ;;
-    *) echo "unknown benchmark '$b' (choose 1, 2, 3, tests, learn-server or learn-colocate)"; exit 2 ;;
+    tests|learn-server|learn-server-2gpu|learn-colocate) name=$b ;;
+    *) echo "unknown benchmark '$b' (choose 1, 2, 3, tests, learn-server, learn-server-2gpu or learn-colocate)"
+       exit 2 ;;
   esac
   case $b in
     tests)
@@ -67,12 +69,13 @@ for b in "$@"; do
       rc=$?; tail -n 40 "$DEST/tests.log"
       echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
       continue ;;
-    learn-server|learn-colocate)
+    learn-server|learn-server-2gpu|learn-colocate)
       echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
-      if [ "$b" = learn-server ]; then
+      if [ "$b" != learn-colocate ]; then
+        two_gpus=(); [ "$b" = learn-server-2gpu ] && two_gpus=(--server-gpu 1 --set device=cuda:0)
         mkdir -p runs/gpu/shared
         learn "$b" --server-arg=--dtype=bfloat16 --server-arg=--checkpoint-root="$PWD/runs/gpu/shared" \
-          --set push=shared --set shared_dir="$PWD/runs/gpu/shared" ${LEARN_ARGS:-}
+          --set push=shared --set shared_dir="$PWD/runs/gpu/shared" "${two_gpus[@]}" ${LEARN_ARGS:-}
       else
         learn "$b" --set mode=colocate ${LEARN_ARGS:-}
       fi

@@ -75,6 +75,13 @@ def test_shortened_demo_raises_heldout_reward(tmp_path):
     assert evaluation["mean_reward"] == pytest.approx(summary["heldout_reward_after"], abs=0.01), evaluation
 
 
+def test_demo_refuses_server_gpu_in_colocated_mode():
+    cmd = [sys.executable, "-m", "trainer_client", "demo", "--server-gpu", "1", "--set", "mode=colocate"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: --server-gpu is for server mode; colocated mode has no server"
+
+
 def test_eval_refuses_colocate_with_a_server_url():
     cmd = [sys.executable, "-m", "trainer_client", "eval", "--colocate", "--server-url", "http://127.0.0.1:1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

@@ -85,6 +85,7 @@ def run_demo(
     log=print,
     size: str = "tiny",
     server_args: list[str] | tuple[str, ...] = (),
+    server_gpu: str | None = None,
 ) -> dict:
     """Run the whole demo; returns its summary (also written to ``output_dir/summary.json``).
 
@@ -93,7 +94,9 @@ def run_demo(
     share a busy core spin-wait for each other (measured: a DPO step 10x slower under load).
 
     ``size`` names the starter (``STARTER_SIZES``); it is trained on the trainer's ``device``.
-    ``server_args`` go to ``python -m generator_server`` as they are."""
+    ``server_args`` go to ``python -m generator_server`` as they are. ``server_gpu`` (a CUDA device index)
+    gives the server a GPU of its own (``CUDA_VISIBLE_DEVICES``); otherwise, with the trainer on a GPU, the
+    server shares it and takes ``SERVER_GPU_MEMORY_UTILIZATION`` of it."""
     import torch
 
     from trainer_client.client import GeneratorClient
@@ -127,10 +130,12 @@ def run_demo(
         # --- 2. generation server ---------------------------------------------------------------------------
         server_args = list(server_args)
         memory_set = any(a.startswith("--gpu-memory-utilization") for a in server_args)
-        if config.device.startswith("cuda") and not memory_set:
+        if config.device.startswith("cuda") and server_gpu is None and not memory_set:
             server_args += ["--gpu-memory-utilization", str(SERVER_GPU_MEMORY_UTILIZATION)]
-        log(f"generation server: starting on the starter model (log: {out / 'server.log'})")
-        with local_server(starter, log_path=out / "server.log", extra_args=server_args) as url:
+        env = {} if server_gpu is None else {"CUDA_VISIBLE_DEVICES": server_gpu}
+        on_gpu = "" if server_gpu is None else f" on GPU {server_gpu}"
+        log(f"generation server: starting on the starter model{on_gpu} (log: {out / 'server.log'})")
+        with local_server(starter, log_path=out / "server.log", extra_args=server_args, extra_env=env) as url:
             t_server = time.monotonic()
             log(f"generation server: ready at {url} after {t_server - t_starter:.0f} s")
             config = demo_config(str(starter), url, seed, list(overrides), size)
@@ -237,6 +242,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--server-arg", dest="server_args", action="append", default=[], metavar="ARG",
         help="extra argument for the generation server, e.g. --server-arg=--dtype=bfloat16; repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--server-gpu", metavar="INDEX",
+        help="give the server this GPU to itself (e.g. 1, with the trainer on --set device=cuda:0)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, help=f"online DPO steps (default {DEMO_DEFAULTS['steps']})")
     parser.add_argument("--output-dir", help=f"default {DEMO_DEFAULTS['output_dir']}")
     parser.add_argument(
@@ -256,9 +265,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
     try:
-        demo_config("starter", "http://127.0.0.1:0", args.seed, overrides, args.size)
+        config = demo_config("starter", "http://127.0.0.1:0", args.seed, overrides, args.size)
     except (ConfigError, ValueError) as e:
         print(f"error: bad config: {e}", file=sys.stderr)
+        return 2
+    if args.server_gpu is not None and config.mode == "colocate":
+        print("error: --server-gpu is for server mode; colocated mode has no server", file=sys.stderr)
         return 2
     summary = run_demo(
         args.seed,
@@ -268,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
         args.torch_threads,
         size=args.size,
         server_args=args.server_args,
+        server_gpu=args.server_gpu,
     )
     print()
     print(summary_table(summary))

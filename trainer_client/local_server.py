@@ -64,11 +64,13 @@ def local_server(
     enforce_eager: bool = True,
     extra_args: list[str] | tuple[str, ...] = (),
     startup_timeout: float = 600.0,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Run ``python -m generator_server --model MODEL`` on ``127.0.0.1:PORT``; yields its URL once healthy.
 
     ``enforce_eager`` skips vLLM's torch.compile warm-up (about 40 s on a CPU), which pays off for short
-    runs. The server log goes to ``log_path`` (default: discarded). The model is served in float32 so its
+    runs. The server log goes to ``log_path`` (default: discarded); ``extra_env`` is added to its environment
+    (e.g. ``CUDA_VISIBLE_DEVICES`` to give it a GPU of its own). The model is served in float32 so its
     greedy outputs and log-probabilities match the trainer's fp32 copy.
     """
     port = port or free_port()
@@ -79,6 +81,7 @@ def local_server(
         cmd.append("--enforce-eager")
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU; the demo's model needs little
+    env.update(extra_env or {})
     log_path = Path(log_path) if log_path is not None else None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
