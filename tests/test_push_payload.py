@@ -1,8 +1,9 @@
 """The trainer pushes its weights in the dtype the server serves (GET /weights), not in its own fp32.
 
-Unit level: ``snapshot_weights`` on a real tiny state dict, then the bytes ServerBackend sends, caught by a
-FAKE transport (httpx.MockTransport, no server) for ``PUT /weights`` and read from the shared folder for
-``POST /weights/load``. A bf16 server is not started here; the e2e tests push to a real fp32 server."""
+Unit level: ``host_snapshot`` on a real tiny state dict, then the bytes the http and shared transports
+send, caught by a FAKE transport (httpx.MockTransport, no server) for ``PUT /weights`` and read from the
+shared folder for ``POST /weights/load``. A bf16 server is not started here; the e2e tests push to a real
+fp32 server."""
 
 import json
 
@@ -12,9 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load
 
-from trainer_client.backends import ServerBackend
 from trainer_client.client import GeneratorClient
-from trainer_client.train import snapshot_weights
+from trainer_client.transports.base import host_snapshot
 
 SERVED = {"w": "bfloat16", "b": "bfloat16", "ids": "int64"}
 
@@ -30,7 +30,7 @@ def state_dict() -> dict[str, torch.Tensor]:
 
 def test_snapshot_casts_floats_to_the_served_dtype_and_keeps_the_rest():
     sd = state_dict()
-    snap = snapshot_weights(sd, SERVED)
+    snap = host_snapshot(sd, SERVED)
     assert set(snap) == set(SERVED)  # only what the server serves
     assert snap["w"].dtype == torch.bfloat16 and snap["b"].dtype == torch.bfloat16
     assert snap["ids"].dtype == torch.int64 and snap["ids"].tolist() == [0, 1, 2, 3, 4]
@@ -41,7 +41,7 @@ def test_snapshot_casts_floats_to_the_served_dtype_and_keeps_the_rest():
 
 def test_snapshot_for_an_fp32_server_is_an_fp32_copy():
     sd = state_dict()
-    snap = snapshot_weights(sd, {"w": "float32", "ids": "int64"})
+    snap = host_snapshot(sd, {"w": "float32", "ids": "int64"})
     assert snap["w"].dtype == torch.float32 and torch.equal(snap["w"], sd["w"])
     assert snap["w"].data_ptr() != sd["w"].data_ptr()
 
@@ -65,8 +65,15 @@ def dtypes_in(path) -> dict[str, str]:
 @pytest.mark.parametrize("shared", [False, True])
 def test_pushed_file_carries_the_served_dtype(tmp_path, shared):
     got = {}
-    backend = ServerBackend(fake_server(got), str(tmp_path) if shared else None, "/srv" if shared else None)
-    backend.push(snapshot_weights(state_dict(), SERVED), version=1)
+    if shared:
+        from trainer_client.transports.shared import SharedFolderTransport as Transport
+
+        transport = Transport(fake_server(got), str(tmp_path), "/srv")
+    else:
+        from trainer_client.transports.http import HttpTransport
+
+        transport = HttpTransport(fake_server(got))
+    transport.push(host_snapshot(state_dict(), SERVED), version=1)
     if shared:
         assert got["load"] == "/srv/weights-v00000001.safetensors"
         path = tmp_path / "weights-v00000001.safetensors"

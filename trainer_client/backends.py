@@ -1,25 +1,20 @@
 """Generation backends: the one seam between the training loop and whatever produces samples.
 
 The loop only calls the methods of :class:`GenerationBackend`. ``mode: server`` implements them with the
-HTTP :class:`~trainer_client.client.GeneratorClient`; a ``colocate`` backend (vLLM inside the trainer
-process, weights handed over in memory) can implement the same methods and be returned by
-``make_backend``.
+HTTP :class:`~trainer_client.client.GeneratorClient` for generation and a weight transport
+(``trainer_client/transports``) for pushes; ``mode: colocate`` with vLLM inside the trainer process
+(``trainer_client/colocate.py``), weights handed over in memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from trainer_client.client import (
-    Completion,
-    GeneratorClient,
-    GeneratorUnavailable,
-    StaleVersionError,
-)
+from trainer_client.client import Completion, GeneratorClient, GeneratorUnavailable
 from trainer_client.config import TrainConfig
+from trainer_client.transports import WeightTransport, choose_transport, make_transport
 
 
 @dataclass
@@ -54,8 +49,15 @@ class GenerationBackend(Protocol):
         logprobs: bool = False,
     ) -> GenerationBatch: ...
 
-    def push(self, state_dict: Mapping[str, Any], version: int) -> dict:
-        """Make ``state_dict`` the served weights, reported as ``version`` from then on."""
+    max_pending: int
+    """Snapshots that may wait to be pushed (each is a copy of the model)."""
+
+    def snapshot(self, tensors: Mapping[str, Any], dtypes: Mapping[str, str]) -> Any:
+        """Copy ``tensors`` for a push, in the served ``dtypes``; called in the training thread."""
+        ...
+
+    def push(self, snapshot: Any, version: int) -> dict:
+        """Make ``snapshot`` the served weights, reported as ``version`` from then on."""
         ...
 
     def close(self) -> None: ...
@@ -63,21 +65,22 @@ class GenerationBackend(Protocol):
 
 class ServerBackend:
     """Generation over HTTP by a running generation server (the whole batch in one request; with a seed,
-    the server samples prompt ``i`` with ``seed + i``). Weights go up in ``PUT /weights``, or, with a
-    ``shared_dir``, as a file there that the server loads with ``POST /weights/load``."""
+    the server samples prompt ``i`` with ``seed + i``). Weights go up by the transport ``push`` names
+    (``trainer_client/transports``), chosen once the server has said what it accepts (``GET /weights``)."""
 
-    def __init__(
-        self, client: GeneratorClient, shared_dir: str | None = None, shared_dir_on_server: str | None = None
-    ):
+    def __init__(self, client: GeneratorClient, push: str = "http", device: str = "cpu", config=None):
         self.client = client
-        self.shared_dir = Path(shared_dir) if shared_dir else None
-        self.shared_dir_on_server = shared_dir_on_server or (shared_dir and str(Path(shared_dir).resolve()))
+        self.push_mode, self.device, self.config = push, device, config
+        self.transport: WeightTransport | None = None
 
     def wait_until_ready(self, timeout: float) -> None:
         self.client.wait_until_ready(timeout=timeout)
 
     def weights_spec(self) -> tuple[int, dict[str, tuple[list[int], str]]]:
         spec = self.client.weights_spec()
+        if self.transport is None:
+            name = choose_transport(self.push_mode, spec, self.device)
+            self.transport = make_transport(name, self.client, self.config)
         return spec.weights_version, {k: (t.shape, t.dtype) for k, t in spec.tensors.items()}
 
     def version(self) -> int:
@@ -95,33 +98,24 @@ class ServerBackend:
             completions=[r.completions for r in out.results],
         )
 
-    def push(self, state_dict, version):
-        try:
-            if self.shared_dir is None:
-                return self.client.push_weights(state_dict, version).model_dump()
-            return self._push_shared(state_dict, version)
-        except StaleVersionError:
-            # A retried PUT whose first attempt did land answers 409; that is success.
-            if self.version() == version:
-                return {"weights_version": version}
-            raise
+    def _transport(self) -> WeightTransport:
+        if self.transport is None:
+            self.weights_spec()
+        return self.transport
 
-    def _push_shared(self, state_dict, version: int) -> dict:
-        """Write the weights into the shared folder, have the server load them, remove older files."""
-        from safetensors.torch import save_file
+    @property
+    def max_pending(self) -> int:
+        return self._transport().max_pending
 
-        self.shared_dir.mkdir(parents=True, exist_ok=True)
-        name = f"weights-v{version:08d}.safetensors"
-        tmp = self.shared_dir / f".{name}.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp)
-        tmp.rename(self.shared_dir / name)  # the server never sees a half-written file
-        out = self.client.load_weights(f"{self.shared_dir_on_server}/{name}", version).model_dump()
-        for old in self.shared_dir.glob("weights-v*.safetensors"):
-            if old.name < name:
-                old.unlink(missing_ok=True)
-        return out
+    def snapshot(self, tensors, dtypes):
+        return self._transport().snapshot(tensors, dtypes)
+
+    def push(self, snapshot, version: int) -> dict:
+        return self._transport().push(snapshot, version)
 
     def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
         self.client.close()
 
 
@@ -131,9 +125,7 @@ def make_backend(config: TrainConfig) -> GenerationBackend:
             config.server_url, api_key=config.api_key, timeout=config.request_timeout,
             max_retries=config.max_retries,
         )  # fmt: skip
-        if config.push == "shared":
-            return ServerBackend(client, config.shared_dir, config.shared_dir_on_server)
-        return ServerBackend(client)
+        return ServerBackend(client, push=config.push, device=config.device, config=config)
     if config.mode == "colocate":
         from trainer_client.colocate import ColocatedBackend  # imports vLLM: only in this mode
 

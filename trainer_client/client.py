@@ -65,7 +65,18 @@ class TensorSpec(BaseModel):
     dtype: str
 
 
-class WeightsSpec(BaseModel):
+class PushTarget(BaseModel):
+    """Where the server runs and which weight transports it accepts (``GET /weights``)."""
+
+    transports: list[str] = ["http"]
+    """``http`` always; ``shared`` with a checkpoint root; ``ipc`` when its engine is on a CUDA GPU."""
+    host_id: str | None = None
+    """Identity of the server's host (its kernel boot id): CUDA IPC needs the trainer on the same one."""
+    gpu_uuid: str | None = None
+    """UUID of the GPU the server's engine runs on (None on CPU)."""
+
+
+class WeightsSpec(PushTarget):
     weights_version: int
     tensors: dict[str, TensorSpec]
 
@@ -297,6 +308,27 @@ class GeneratorClient:
         """``POST /weights/load``: reload from a file or folder on the server's own disk."""
         response = self._request("POST", "/weights/load", json={"path": str(path), "version": version})
         return WeightsUpdate.model_validate(response.json())
+
+    # --- CUDA IPC transfer sessions (see trainer_client/transports/ipc.py) -------------------------------
+    def ipc_begin(self, version: int, host_id: str, gpu_uuid: str, tensors: list[dict]) -> str:
+        """``POST /weights/ipc/begin``: open a transfer session for ``version`` (the whole manifest is
+        checked first); returns the session id."""
+        body = {"version": version, "host_id": host_id, "gpu_uuid": gpu_uuid, "tensors": tensors}
+        return self._request("POST", "/weights/ipc/begin", json=body).json()["session"]
+
+    def ipc_bucket(self, session: str, handle: dict, tensors: list[dict]) -> int:
+        """``POST /weights/ipc/{session}/bucket``: the server loads the bucket's tensors and lets go of the
+        buffer before it answers. Returns the number of tensors received so far."""
+        body = {"handle": handle, "tensors": tensors}
+        return self._request("POST", f"/weights/ipc/{session}/bucket", json=body).json()["tensors_received"]
+
+    def ipc_commit(self, session: str) -> WeightsUpdate:
+        """``POST /weights/ipc/{session}/commit``: serve the new version (every tensor must have arrived)."""
+        return WeightsUpdate.model_validate(self._request("POST", f"/weights/ipc/{session}/commit").json())
+
+    def ipc_abort(self, session: str) -> None:
+        """``DELETE /weights/ipc/{session}``: give up; the server goes back to the version it served."""
+        self._request("DELETE", f"/weights/ipc/{session}", retries=0)
 
     def metrics(self) -> str:
         """``GET /metrics`` (Prometheus text format)."""

@@ -457,6 +457,17 @@ class ColocatedBackend:
             completions=[r.completions for r in out.results],
         )
 
+    @property
+    def max_pending(self) -> int:
+        return 1 if self.engine.device == "cuda" else 2  # each snapshot is a copy of the model
+
+    def snapshot(self, tensors: Mapping[str, Any], dtypes: Mapping[str, str]) -> dict[str, Any]:
+        """Copies on the policy's own device in the served dtypes: on a GPU the handover is then a
+        device-to-device copy into vLLM's parameters, with no trip through host memory."""
+        from trainer_client.transports.base import served_dtype
+
+        return {n: tensors[n].detach().to(served_dtype(tensors[n], d), copy=True) for n, d in dtypes.items()}
+
     def push(self, state_dict: Mapping[str, Any], version: int) -> dict:
         seconds = self.engine.load_weights(state_dict, version)
         return {"weights_version": version, "load_seconds": round(seconds, 4)}

@@ -50,10 +50,15 @@ class TrainConfig(BaseModel):
     up to 10 s apart (10 retries: about 1.5 minutes, enough for a small server to restart)."""
     connect_timeout: float = Field(60.0, gt=0)
     """Seconds to wait at start-up for the server to answer /health before giving up."""
-    push: Literal["http", "shared"] = "http"
-    """How new weights reach the server: `http` streams them in `PUT /weights`; `shared` writes them under
-    `shared_dir` and has the server read them with `POST /weights/load` (same host or shared volume; the
-    folder must be inside the server's --checkpoint-root)."""
+    push: Literal["auto", "http", "shared", "ipc"] = "auto"
+    """How new weights reach the server (trainer_client/transports): `http` streams them in `PUT /weights`
+    (works across hosts); `shared` writes them under `shared_dir` and has the server read them with
+    `POST /weights/load` (same host or shared volume; the folder must be inside the server's
+    --checkpoint-root); `ipc` hands GPU buffers over by CUDA IPC (trainer and server on the same GPU: no host
+    copy, no disk); `auto` picks `ipc` when the server says it runs on the trainer's GPU, else `http`."""
+    ipc_bucket_mib: int = Field(1024, ge=1)
+    """`push: ipc`: size of the GPU buffers the weights are packed into, in MiB (a larger tensor gets one of
+    its own)."""
     shared_dir: str | None = None
     """`push: shared`: folder the trainer writes the weights into (the latest file stays, older go)."""
     shared_dir_on_server: str | None = None

@@ -16,7 +16,7 @@ metrics whatever the server's history.
 
 Threads:
     producer (generate batch s, after the push it needs)  -> queue ->  trainer (score, pair, loss, step)
-    trainer (snapshot of version s)  -> pusher (PUT /weights in order)
+    trainer (snapshot of version s)  -> pusher (push in order, by the backend's weight transport)
 The metrics line of step s is written once version s is served (it reports the push time too).
 """
 
@@ -85,22 +85,6 @@ def check_compatible(server_tensors: dict[str, tuple[list[int], str]], policy, w
             f"{where} does not serve the policy's architecture; " + "; ".join(problems)
         )
     return list(server_tensors)
-
-
-def snapshot_weights(state_dict: dict[str, torch.Tensor], dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
-    """CPU copies of the tensors named in ``dtypes`` (name -> the served dtype, a torch name like
-    ``"bfloat16"``), floating ones cast to the served dtype in the same copy.
-
-    The push then carries the bytes the server serves (half of fp32 for a bf16 server) and the server has
-    nothing to cast. Non-floating tensors, and dtypes torch does not know, are copied as they are."""
-    out = {}
-    for name, served in dtypes.items():
-        t = state_dict[name].detach()
-        dtype = getattr(torch, served, None)
-        if not (t.is_floating_point() and isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            dtype = t.dtype
-        out[name] = t.to("cpu", dtype=dtype, copy=True)
-    return out
 
 
 def check_finite(state_dict: dict[str, torch.Tensor], advice: str) -> None:
@@ -365,12 +349,14 @@ def run_training(
         push_names = check_compatible(server_tensors, policy, f"the server at {c.server_url}")
         offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
 
-        def snapshot() -> dict[str, torch.Tensor]:  # a copy the optimizer will not modify while it is pushed
+        served_dtypes = {n: server_tensors[n][1] for n in push_names}
+
+        def snapshot():  # a copy the optimizer will not modify while it is pushed, in the served dtypes
             state = policy.state_dict()
             check_finite(state, "lower learning_rate and resume from the last checkpoint")
-            return snapshot_weights(state, {n: server_tensors[n][1] for n in push_names})
+            return backend.snapshot(state, served_dtypes)
 
-        pusher = Pusher(backend, offset, served=start_step)
+        pusher = Pusher(backend, offset, served=start_step, max_pending=backend.max_pending)
         cleanup.callback(pusher.abort)
         if offset or start_step:
             log.info(

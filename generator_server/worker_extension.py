@@ -1,0 +1,74 @@
+"""Methods added to vLLM's GPU/CPU worker (``worker_extension_cls``), called by ``collective_rpc(name)``.
+
+They run inside the worker process that holds the model, which is where CUDA IPC handles must be opened.
+Everything they receive is plain data (strings, numbers, bytes): a handle is rebuilt here from its parts,
+never unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import torch
+
+
+def _bytes(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+class WeightReceiver:
+    """Mixed into vLLM's worker class: ``self`` is the worker (``self.device``, ``self.model_runner``)."""
+
+    def receiver_device_uuid(self) -> str | None:
+        """UUID of this worker's GPU as torch reports it (the trainer compares it with its own), None on CPU."""
+        device = getattr(self, "device", None)
+        if device is None or getattr(device, "type", None) != "cuda":
+            return None
+        return str(torch.cuda.get_device_properties(device).uuid)
+
+    def receiver_begin(self) -> None:
+        """Start an in-place reload: vLLM's layerwise reload where it exists (it redoes any kernel-specific
+        processing of the weights once a layer is complete), else plain loads into the parameters."""
+        model = self.model_runner.get_model()
+        try:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        except ImportError:
+            self._receiver_layerwise = False
+        else:
+            initialize_layerwise_reload(model)
+            self._receiver_layerwise = True
+
+    def receiver_load_ipc(self, handle: dict, tensors: list[dict]) -> int:
+        """Map the trainer's GPU buffer described by ``handle``, load ``tensors`` (name, shape, dtype, offset)
+        from it into the model, and let go of the buffer before returning. Returns the tensors loaded."""
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        device = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        nbytes = int(handle["nbytes"])
+        buffer = rebuild_cuda_tensor(
+            torch.Tensor, (nbytes,), (1,), int(handle["tensor_offset"]), torch.UntypedStorage, torch.uint8,
+            device, _bytes(handle["storage_handle"]), int(handle["storage_size_bytes"]),
+            int(handle["storage_offset_bytes"]), False, _bytes(handle["ref_counter_handle"]),
+            int(handle["ref_counter_offset"]), _bytes(handle.get("event_handle")),
+            bool(handle["event_sync_required"]),
+        )  # fmt: skip
+        weights = []
+        for t in tensors:
+            dtype = getattr(torch, t["dtype"])
+            size = dtype.itemsize
+            for d in t["shape"]:
+                size *= d
+            begin = int(t["offset"])
+            weights.append((t["name"], buffer[begin : begin + size].view(dtype).view(t["shape"])))
+        self.model_runner.get_model().load_weights(weights)
+        torch.cuda.synchronize(device)  # every copy out of the buffer is done: the trainer may reuse it
+        del weights, buffer
+        return len(tensors)
+
+    def receiver_finish(self) -> None:
+        """End the reload begun by :meth:`receiver_begin` (process completed layers)."""
+        if getattr(self, "_receiver_layerwise", False):
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+            finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+        self._receiver_layerwise = False
