@@ -19,6 +19,7 @@ from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
 from generator_server.metrics import ServerMetrics
 from generator_server.routes import protected, router
+from generator_server.routes_ipc import router as ipc_router
 
 log = logging.getLogger("generator_server")
 
@@ -54,6 +55,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     app.state.startup_error = None
     app.include_router(router)
     app.include_router(protected)
+    app.include_router(ipc_router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -49,4 +49,9 @@ class ServerSettings(BaseSettings):
     max_num_seqs: int | None = Field(
         None, ge=1, description="Most sequences the engine runs at once (default: vLLM's)."
     )
+    transfer_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a CUDA IPC weight transfer may go without a bucket before it is aborted.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")

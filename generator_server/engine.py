@@ -14,9 +14,12 @@ the write lock is taken, so generation stops only for the swap itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from generator_server.config import ServerSettings
@@ -46,6 +49,28 @@ log = logging.getLogger(__name__)
 TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
+@functools.cache
+def host_id() -> str:
+    """This machine's identity as CUDA IPC sees it: the kernel's boot id (containers on one host share it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        import socket
+
+        return socket.gethostname()
+
+
+class Swap:
+    """What :meth:`GenerationEngine.swap` yields: timing, and work to do once the new version is served."""
+
+    def __init__(self) -> None:
+        self.started = self.seconds = 0.0
+        self.callbacks: list = []
+
+    def on_success(self, callback) -> None:
+        self.callbacks.append(callback)
+
+
 class GenerationEngine:
     """One ``vllm.v1.engine.async_llm.AsyncLLM`` serving one model folder, with versioned weights.
 
@@ -63,6 +88,14 @@ class GenerationEngine:
         self.version = 0
         self.broken: str | None = None
         """Why the engine can no longer serve, if it cannot."""
+        self.incomplete: str | None = None
+        """Why the engine holds no whole version (a transfer failed half-way and the previous version could
+        not be restored): /generate answers 503 until a full version arrives."""
+        self.disk_version = 0
+        """The version whose weights ``store.served_dir`` holds (a failed swap can go back to it)."""
+        self.host_id = host_id()
+        self.gpu_uuid: str | None = None
+        """UUID of the GPU the engine's worker runs on (None on CPU)."""
         self._weights_lock = ReadersWriterLock()
         metrics.requests_running.set_function(lambda: self._weights_lock.readers)
         metrics.weight_loads_waiting.set_function(lambda: self._weights_lock.writers_waiting)
@@ -74,6 +107,7 @@ class GenerationEngine:
         engine = cls(settings, metrics)
         try:
             await asyncio.to_thread(engine._build)
+            engine.gpu_uuid = (await engine._llm.collective_rpc("receiver_device_uuid"))[0]
         except BaseException:
             engine.shutdown()
             raise
@@ -101,6 +135,8 @@ class GenerationEngine:
             # trainer computes for the same tokens.
             logprobs_mode="raw_logprobs",
             disable_log_stats=True,
+            # receiver_* methods on the worker: CUDA IPC weight transfers (generator_server/ipc.py)
+            worker_extension_cls="generator_server.worker_extension.WeightReceiver",
         )
         llm = AsyncLLM.from_engine_args(args)
         try:
@@ -133,9 +169,13 @@ class GenerationEngine:
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         m, started, outcome = self.metrics, time.perf_counter(), "error"
         try:
+            if self.incomplete:
+                raise ApiError(503, self.incomplete)
             prompts = await self._prompt_token_ids(request)
             params = [self._sampling_params(request, i) for i in range(len(prompts))]
             async with self._weights_lock.read():
+                if self.incomplete:  # a transfer failed while this request waited for the lock
+                    raise ApiError(503, self.incomplete)
                 version = self.version
                 jobs = [self._generate_one(ids, p) for ids, p in zip(prompts, params, strict=True)]
                 outputs = await _all_or_nothing(jobs)
@@ -218,7 +258,21 @@ class GenerationEngine:
         return WeightsSpec(
             weights_version=self.version,
             tensors={n: TensorSpec(shape=list(i.shape), dtype=dtype(i)) for n, i in self.expected.items()},
+            transports=self.transports,
+            host_id=self.host_id,
+            gpu_uuid=self.gpu_uuid,
         )
+
+    @property
+    def transports(self) -> list[str]:
+        """How this server takes new weights: always ``http``; ``shared`` (POST /weights/load) with a
+        checkpoint root; ``ipc`` when one worker holds the whole model on a CUDA GPU."""
+        offered = ["http"]
+        if self.settings.checkpoint_root is not None:
+            offered.append("shared")
+        if self.gpu_uuid is not None and self.settings.tensor_parallel_size == 1:
+            offered.append("ipc")
+        return offered
 
     def check_version(self, version: int) -> None:
         if version <= self.version:
@@ -226,47 +280,79 @@ class GenerationEngine:
 
     async def update_weights(self, staged: Path, nbytes: int, version: int, source: str) -> WeightsUpdate:
         """Check the staged folder, then swap it in as ``version``; ``staged`` is consumed either way."""
-        outcome = "error"
         try:
             found = await asyncio.to_thread(read_folder_tensors, staged)
             check_compatible(found, self.expected, self.optional)
-            async with self._reload_mutex:  # one swap at a time; the version is final once we hold it
-                self.check_version(version)
+            async with self.swap(version, source) as swap:
                 staged = self.store.prepare(staged, version)
+                await self._reload_from(staged)
+                swap.on_success(lambda: self._promote(staged, version))
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        log.info("serving weights version %d (%d bytes, swapped in %.3f s)", version, nbytes, swap.seconds)
+        return WeightsUpdate(weights_version=version, bytes=nbytes, load_seconds=swap.seconds)
+
+    def _promote(self, folder: Path, version: int) -> None:
+        self.store.promote(folder)
+        self.disk_version = version
+
+    @asynccontextmanager
+    async def swap(self, version: int, source: str) -> AsyncIterator[Swap]:
+        """Change the served weights to ``version`` inside the block, with generation stopped.
+
+        One swap at a time (the version is final once the mutex is held); the write lock waits for running
+        requests and holds back new ones. If the block raises, the weights served before are put back from
+        ``store.served_dir`` when it holds them; otherwise the engine is marked incomplete (503) until a
+        whole version arrives. Never a mix of two versions served."""
+        outcome, swap = "error", Swap()
+        try:
+            async with self._reload_mutex:
+                self.check_version(version)
                 async with self._weights_lock.write():
-                    started = time.perf_counter()
-                    await self._swap_or_restore(staged)
-                    self.version = version
-                    seconds = time.perf_counter() - started
-                self.store.promote(staged)
+                    swap.started = time.perf_counter()
+                    try:
+                        yield swap
+                        await self._llm.reset_prefix_cache()  # cached KV came from the old weights
+                    except BaseException as error:
+                        await self._recover(error)
+                        raise
+                    swap.seconds = time.perf_counter() - swap.started
+                    self.version, self.incomplete = version, None
+                    for callback in swap.callbacks:
+                        callback()
             outcome = "ok"
         finally:
             self.metrics.weight_loads.labels(source=source, outcome=outcome).inc()
-            if outcome != "ok":
-                self.store.discard(staged)
-        self.metrics.weight_load_seconds.observe(seconds)
+        self.metrics.weight_load_seconds.observe(swap.seconds)
         self.metrics.weights_version.set(version)
-        log.info("serving weights version %d (%d bytes, swapped in %.3f s)", version, nbytes, seconds)
-        return WeightsUpdate(weights_version=version, bytes=nbytes, load_seconds=seconds)
 
-    async def _swap_or_restore(self, folder: Path) -> None:
-        """Reload the engine's weights from ``folder``; if that fails, reload the weights served before."""
-        try:
-            await self._reload_from(folder)
-        except Exception as error:
-            log.exception("reloading weights from %s failed; restoring version %d", folder, self.version)
+    async def _recover(self, error: BaseException) -> None:
+        """After a failed swap: reload the served version from disk if we have it there, else say why not."""
+        if self.disk_version == self.version and not self.incomplete:
+            log.exception("swapping in new weights failed; restoring version %d", self.version)
             try:
                 await self._reload_from(self.store.served_dir)
+                await self._llm.reset_prefix_cache()
             except Exception as restore_error:
                 self.broken = (
                     f"weights reload failed and so did restoring the previous weights: {restore_error}"
                 )
                 log.exception(self.broken)
                 raise ApiError(500, self.broken) from error
-            raise ApiError(
-                500, f"the engine could not load the weights ({type(error).__name__}: {error}); "
-                f"still serving version {self.version}",
-            ) from error  # fmt: skip
+            if not isinstance(error, ApiError):
+                raise ApiError(
+                    500, f"the engine could not load the weights ({type(error).__name__}: {error}); "
+                    f"still serving version {self.version}",
+                ) from error  # fmt: skip
+            return
+        self.incomplete = (
+            f"a weights transfer failed half-way ({type(error).__name__}: {error}) and version "
+            f"{self.version} is not on the server's disk to go back to; push a full version"
+        )
+        log.error(self.incomplete)
+        if not isinstance(error, ApiError):
+            raise ApiError(500, self.incomplete) from error
 
     async def _reload_from(self, folder: Path) -> None:
         llm = self._llm

@@ -86,6 +86,13 @@ class TensorSpec(BaseModel):
 class WeightsSpec(BaseModel):
     weights_version: int
     tensors: dict[str, TensorSpec]
+    transports: list[str] = ["http"]
+    """How the server takes new weights: `http` (PUT /weights), `shared` (POST /weights/load, with a
+    checkpoint root), `ipc` (CUDA IPC, the engine on a GPU of this host)."""
+    host_id: str | None = None
+    """The server's host identity (kernel boot id): a CUDA IPC sender must run on the same host."""
+    gpu_uuid: str | None = None
+    """UUID of the GPU the engine runs on (null on CPU): a CUDA IPC sender's buffers must live there."""
 
 
 class LoadWeightsRequest(_Request):
@@ -99,3 +106,53 @@ class WeightsUpdate(BaseModel):
     """Bytes of safetensors received (PUT) or read (load)."""
     load_seconds: float
     """Seconds the engine was paused for the swap (staging and validation not included)."""
+
+
+# --- /weights/ipc: CUDA IPC transfer sessions ---------------------------------------------------------------
+class IpcTensor(_Request):
+    name: str
+    shape: list[int] = Field(description="Shape of the tensor.")
+    dtype: str = Field(description="torch dtype name, e.g. 'bfloat16'.")
+
+
+class IpcBeginRequest(_Request):
+    """Open a transfer of one whole version: every tensor it will hold, checked before generation stops."""
+
+    version: int = Field(ge=0, description="New weights version; must exceed the current one.")
+    host_id: str = Field(description="The sender's host identity (its kernel boot id); must be the server's.")
+    gpu_uuid: str = Field(description="UUID of the GPU the buffers live on; must be the server's.")
+    tensors: list[IpcTensor] = Field(min_length=1, description="Every tensor of the version.")
+
+
+class IpcBeginResponse(BaseModel):
+    session: str
+    timeout_seconds: float
+    """The session is aborted when no bucket or commit arrives for this long."""
+
+
+class IpcHandle(_Request):
+    """A CUDA IPC handle of a flat uint8 GPU buffer, as torch's ``reduce_tensor`` describes it; the byte
+    fields are base64."""
+
+    storage_handle: str
+    storage_size_bytes: int = Field(ge=0)
+    storage_offset_bytes: int = Field(ge=0)
+    tensor_offset: int = Field(ge=0)
+    nbytes: int = Field(ge=1, description="Bytes of the buffer.")
+    ref_counter_handle: str
+    ref_counter_offset: int = Field(ge=0)
+    event_handle: str | None = None
+    event_sync_required: bool = False
+
+
+class IpcBucketTensor(IpcTensor):
+    offset: int = Field(ge=0, description="Byte offset of the tensor in the buffer.")
+
+
+class IpcBucketRequest(_Request):
+    handle: IpcHandle
+    tensors: list[IpcBucketTensor] = Field(min_length=1)
+
+
+class IpcBucketResponse(BaseModel):
+    tensors_received: int

@@ -20,7 +20,7 @@ class WeightReceiver:
     """Mixed into vLLM's worker class: ``self`` is the worker (``self.device``, ``self.model_runner``)."""
 
     def receiver_device_uuid(self) -> str | None:
-        """UUID of this worker's GPU as torch reports it (the trainer compares it with its own), None on CPU."""
+        """UUID of this worker's GPU as torch reports it (compared with the trainer's); None on CPU."""
         device = getattr(self, "device", None)
         if device is None or getattr(device, "type", None) != "cuda":
             return None
