@@ -17,6 +17,8 @@ import torch
 from server_process import ServerHandle, running_server
 
 API_KEY = "test-key"
+TRANSFER_TIMEOUT = 5.0
+"""The shared server aborts a CUDA IPC transfer that hears nothing for this long (GPU tests wait for it)."""
 MAX_UPLOAD_BYTES = 4 * 2**20
 """Upload limit of the shared server; the tiny model's fp32 weights are about 1.8 MB."""
 
@@ -157,6 +159,7 @@ def server(tiny_model_dir, checkpoint_root, server_work_dir) -> Iterator[ServerH
         "--work-dir", str(server_work_dir),
         "--max-upload-bytes", str(MAX_UPLOAD_BYTES),
         "--max-model-len", "256",
+        "--transfer-timeout", str(TRANSFER_TIMEOUT),
     ) as handle:  # fmt: skip
         print(f"\ngeneration server healthy after {handle.start_seconds:.1f} s (log: {handle.log_path})")
         yield handle
