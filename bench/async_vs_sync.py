@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         "--trainer-cpus", default=None, help="comma-separated CPU ids to pin the trainer to (CPU runs)"
     )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="server's share of the GPU")
+    parser.add_argument(
+        "--push", default="auto", choices=["auto", "http", "shared", "ipc"], help="weight transport"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="any other trainer config key, e.g. --set precision=bf16 (repeatable)",
+    )  # fmt: skip
     add_common_args(parser)
     quick = dict(QUICK)
     if not has_cuda() and (os.cpu_count() or 1) >= 2:
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # after argument parsing: --help stays fast
 
-    from trainer_client.config import TrainConfig
+    from trainer_client.config import TrainConfig, parse_override
     from trainer_client.train import run_training
 
     dtype = resolve_dtype(args.dtype)
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        checkpoint_root=work / "async_vs_sync" / "shared" if args.push == "shared" else None,
     )
     staleness_values = [int(s) for s in args.staleness.split(",")]
     runs: dict[int, dict] = {}
@@ -137,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
                 output_dir=str(out_dir),
                 seed=args.seed,
                 progress_bar=False,
+                push=args.push,
+                shared_dir=str(work / "async_vs_sync" / "shared") if args.push == "shared" else None,
+                **dict(parse_override(item) for item in args.overrides),
             )
             print(f"max_staleness={staleness}: {args.steps} steps ...", flush=True)
             started = time.perf_counter()
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             f"max(g, t) / wall: {results['async_bound_fraction']:.0%}"
         )
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(device=device, server_dtype=dtype, trainer_dtype="float32")
+    settings.update(device=device, server_dtype=dtype)
     write_results(args.out or work / "async_vs_sync.json", "async_vs_sync", machine, settings, results)
 
 

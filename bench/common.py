@@ -48,6 +48,9 @@ SIZES: dict[str, TinyModelSpec] = {
     "1b": TinyModelSpec(
         hidden_size=2048, num_layers=22, num_heads=16, intermediate_size=5632, max_position_embeddings=1024
     ),
+    "3b": TinyModelSpec(
+        hidden_size=3072, num_layers=26, num_heads=24, intermediate_size=8192, max_position_embeddings=1024
+    ),
 }
 
 

@@ -38,7 +38,7 @@ Receiver = Annotated[IpcReceiver, Depends(get_receiver)]
 
 
 @router.post("/begin", response_model=IpcBeginResponse, responses=ERRORS)
-def begin(body: IpcBeginRequest, receiver: Receiver):
+async def begin(body: IpcBeginRequest, receiver: Receiver):
     session = receiver.begin(body)
     return IpcBeginResponse(session=session.id, timeout_seconds=session.timeout)
 
