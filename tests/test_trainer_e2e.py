@@ -52,6 +52,7 @@ def base_config(server, tiny_model_dir, length_task) -> dict:
         beta=0.1,
         progress_bar=False,
         seed=0,
+        precision="fp32",  # exact: step 1's KL is 0 (a bf16 reference is not bit-equal to the policy)
     )
 
 

@@ -29,7 +29,7 @@ class TrainConfig(BaseModel):
     ref_model: str | None = None
     """Reference model folder for the DPO loss; default: the initial `model`."""
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
-    """Torch device of the policy, the reference and a reward model (all fp32)."""
+    """Torch device of the policy, the reference and a reward model (their precision: `precision`)."""
 
     # --- generation backend ------------------------------------------------------------------------------
     mode: Literal["server", "colocate"] = "server"
@@ -119,6 +119,19 @@ class TrainConfig(BaseModel):
     """Clip the gradient to this global norm; null = no clipping."""
     micro_batch_size: int | None = Field(None, ge=1)
     """Pairs per forward/backward pass (gradient accumulation); default: all pairs of a step at once."""
+
+    # --- learner: precision and memory (trainer_client/learner.py) ---------------------------------------
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`bf16`: forward and backward in bfloat16 (torch.autocast) with the weights, gradients and AdamW state
+    in fp32, and the reference held in bf16. `fp32`: all in float32, TF32 off. `auto`: bf16 on CUDA, fp32
+    elsewhere. The DPO log-probabilities are taken in fp32 from the logits either way."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's decoder layers in the backward pass instead of keeping their activations
+    (transformers' own checkpointing): far less activation memory for about one more forward pass."""
+    logprob_chunk_tokens: int = Field(0, ge=0)
+    """Take the log-probabilities through the lm_head this many completion tokens at a time (recomputed in
+    the backward pass), so the fp32 logits of all tokens (tokens x vocabulary) never exist at once; 0 = all
+    tokens at once. For models whose logits are the lm_head's output (not Gemma 2/3's softcapping)."""
 
     # --- asynchrony --------------------------------------------------------------------------------------
     max_staleness: int = Field(1, ge=0)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -39,15 +40,69 @@ def collate(
     return input_ids, attention_mask, completion_mask
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``log p(input_ids[:, t] | input_ids[:, :t])`` at every position t >= 1; position 0 holds 0.
+def token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """``log p(input_ids[:, t] | input_ids[:, :t])`` at every position t >= 1 where ``mask`` is set (default:
+    everywhere); 0 at position 0 and where ``mask`` is 0.
 
-    input_ids, attention_mask: (B, T) -> (B, T), float32."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+    input_ids, attention_mask, mask: (B, T) -> (B, T), float32 whatever the model's dtype. ``chunk_tokens``
+    > 0 takes the lm_head and the log-softmax that many masked tokens at a time (see
+    :func:`chunked_token_logps`): the same values, without the (B, T, V) logits."""
+    if chunk_tokens:
+        return chunked_token_logps(model, input_ids, attention_mask, mask, chunk_tokens)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logits = out.logits[:, :-1].float()  # (B, T-1, V)
     targets = input_ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
     # log_softmax(logits)[target] without materialising the (B, T-1, V) log-softmax
     logps = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
+    logps = F.pad(logps, (1, 0), value=0.0)  # (B, T)
+    return logps if mask is None else logps * mask
+
+
+def chunked_token_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None, chunk_tokens: int
+) -> torch.Tensor:
+    """:func:`token_logps` from the final hidden states, ``chunk_tokens`` tokens at a time through lm_head.
+
+    Only the N masked positions go through the lm_head, each chunk's (chunk, V) logits are freed as soon as
+    its log-probabilities are taken, and under autograd they are recomputed in the backward pass
+    (activation checkpointing of the lm_head) instead of kept: peak memory chunk x V instead of B x T x V,
+    for one more lm_head forward. Needs a model whose logits are its lm_head's output."""
+    config = model.config.get_text_config()
+    for key, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
+        if getattr(config, key, neutral) not in (None, neutral):
+            raise ValueError(
+                f"logprob_chunk_tokens: {type(model).__name__} transforms the lm_head's output ({key}); "
+                "set logprob_chunk_tokens: 0"
+            )
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    wanted = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask != 0  # (B, T)
+    where = wanted[:, 1:]  # (B, T-1): token t is predicted from the hidden state at t-1
+    states, targets = hidden[:, :-1][where], input_ids[:, 1:][where]  # (N, H), (N,)
+    lm_head = model.get_output_embeddings()
+    parts = []
+    for i in range(0, len(targets), chunk_tokens):
+        chunk = (lm_head, states[i : i + chunk_tokens], targets[i : i + chunk_tokens])
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_logps, *chunk, use_reentrant=False))  # (chunk,)
+        else:
+            parts.append(_head_logps(*chunk))
+    logps = torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)  # (N,)
+    logps = torch.zeros(where.shape, dtype=torch.float32, device=hidden.device).masked_scatter(where, logps)
     return F.pad(logps, (1, 0), value=0.0)  # (B, T)
+
+
+def _head_logps(lm_head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n, H), (n,) -> (n,): ``log_softmax(lm_head(states))[target]`` in fp32."""
+    logits = lm_head(states).float()  # (n, V)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def sequence_logps(

@@ -15,9 +15,11 @@ version) the trainer pushes its current policy first, as the lowest version the 
 metrics whatever the server's history.
 
 Threads:
-    producer (generate batch s, after the push it needs)  -> queue ->  trainer (score, pair, loss, step)
+    producer (generate batch s, after the push it needs)  -> queue ->  trainer (score, pair, DPO step)
     trainer (snapshot of version s)  -> pusher (push in order, by the backend's weight transport)
 The metrics line of step s is written once version s is served (it reports the push time too).
+
+The models, their precision and the DPO step itself are the learner's (learner.py); this file is the loop.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -35,23 +36,20 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from trainer_client.backends import GenerationBackend, GenerationBatch, make_backend
-from trainer_client.checkpoint import checkpoint_dir, load_trainer_state, save_checkpoint
+from trainer_client.checkpoint import checkpoint_dir
+from trainer_client.client import Completion
 from trainer_client.config import TrainConfig
-from trainer_client.dpo import apply_missing_eos_penalty, build_pairs, collate, dpo_loss, token_logps
+from trainer_client.dpo import apply_missing_eos_penalty, build_pairs
+from trainer_client.learner import Learner, NotFiniteError, StepStats, check_finite
 from trainer_client.rewards import build_reward
 from trainer_client.tasks import load_task, task_hint
 
+__all__ = ["IncompatibleServerError", "NotFiniteError", "run_training"]
 log = logging.getLogger("trainer_client")
 METRICS_FILE = "metrics.jsonl"
-
-
-class NotFiniteError(RuntimeError):
-    """A loss, gradient norm or weight is NaN or infinite: the trainer stops before it applies or pushes it,
-    so the server keeps serving the last finite weights."""
 
 
 class IncompatibleServerError(RuntimeError):
@@ -64,9 +62,20 @@ def generation_seed(seed: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def check_compatible(server_tensors: dict[str, tuple[list[int], str]], policy, where: str) -> list[str]:
+def sampling_params(c: TrainConfig, task) -> dict:
+    """The sampling arguments of every generate request."""
+    return dict(
+        max_tokens=c.max_new_tokens or task_hint(task, "max_new_tokens") or 64,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        stop=c.stop if c.stop is not None else task_hint(task, "stop"),
+    )
+
+
+def check_compatible(
+    server_tensors: dict[str, tuple[list[int], str]], ours: dict[str, torch.Tensor], where: str
+) -> list[str]:
     """The names to push: the server's tensor names. Raise if they do not match the policy's tensors."""
-    ours = policy.state_dict()
     missing = [n for n in server_tensors if n not in ours]
     shapes = [
         f"{n}: server {list(s)} vs policy {list(ours[n].shape)}"
@@ -85,16 +94,6 @@ def check_compatible(server_tensors: dict[str, tuple[list[int], str]], policy, w
             f"{where} does not serve the policy's architecture; " + "; ".join(problems)
         )
     return list(server_tensors)
-
-
-def check_finite(state_dict: dict[str, torch.Tensor], advice: str) -> None:
-    """Raise :class:`NotFiniteError` naming the tensors that hold NaN or Inf (one device sync if none do)."""
-    floats = [n for n, t in state_dict.items() if t.is_floating_point()]
-    finite = [torch.isfinite(state_dict[n]).all() for n in floats]
-    if finite and not bool(torch.stack(finite).all()):
-        bad = [n for n, ok in zip(floats, finite, strict=True) if not ok]
-        names = ", ".join(bad[:3])
-        raise NotFiniteError(f"the policy's weights hold NaN or Inf ({names}), not pushed; {advice}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,22 +259,82 @@ class Producer:
                 continue
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Scores and metrics
+# ----------------------------------------------------------------------------------------------------------
+class MetricsFile:
+    """``metrics.jsonl``: one line per step, in step order, each written once its version is served (the line
+    carries its push time). A fresh run starts the file anew; a resumed run keeps the lines up to its step."""
+
+    def __init__(self, path: Path, resumed_at: int | None):
+        kept = []
+        if resumed_at is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_at]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        self.path, self.pending = path, []
+        self.file = path.open("a")
+
+    def add(self, record: dict) -> None:
+        self.pending.append(record)
+
+    def flush(self, served: int) -> None:
+        """Write the lines of steps up to policy version ``served``."""
+        while self.pending and self.pending[0]["step"] <= served:
+            self.file.write(json.dumps(self.pending.pop(0)) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class Scored:
+    """A batch's B*K samples (prompt-major), their rewards and the preference pairs built from them."""
+
+    flat: list[Completion]  # (B*K,)
+    rewards: list[float]  # (B*K,) after the missing-EOS penalty
+    finished: list[bool]  # (B*K,) ended by EOS or a stop string
+    pairs: list[tuple[int, int, int]]  # [(prompt b, chosen k, rejected k)]
+    skipped_ties: int  # prompts whose K rewards are all equal
+
+
+def score(samples: GenerationBatch, reward_fn, c: TrainConfig) -> Scored:
+    K = c.samples_per_prompt
+    flat = [cmp for row in samples.completions for cmp in row]  # (B*K,)
+    prompts_flat = [p for p in samples.prompts for _ in range(K)]
+    raw_rewards = reward_fn(prompts_flat, [cmp.text for cmp in flat])
+    finished = [cmp.finish_reason == "stop" for cmp in flat]
+    rewards = apply_missing_eos_penalty(raw_rewards, finished, c.missing_eos_penalty)
+    pairs, skipped_ties = build_pairs(rewards, K)
+    return Scored(flat, rewards, finished, pairs, skipped_ties)
+
+
+def step_metrics(step: int, batch: Batch, scored: Scored, stats: StepStats, K: int) -> dict:
+    """The metrics line of ``step``, timings aside."""
+    rewards, pairs = scored.rewards, scored.pairs
+    return {
+        "step": step,
+        "version": step,
+        "batch_weights_version": batch.policy_version,
+        "staleness": (step - 1) - batch.policy_version,
+        "reward_mean": mean(rewards),
+        "reward_chosen": mean(rewards[b * K + kc] for b, kc, _ in pairs),
+        "reward_rejected": mean(rewards[b * K + kr] for b, _, kr in pairs),
+        "loss": stats.loss,
+        "kl": stats.kl,
+        "reward_accuracy": stats.reward_accuracy,
+        "logratio_margin": stats.logratio_margin,
+        "pairs": len(pairs),
+        "skipped_ties": scored.skipped_ties,
+        "finished_fraction": mean(scored.finished),
+        "completion_tokens": mean(len(cmp.token_ids) for cmp in scored.flat),
+        "lr": stats.lr,
+        "grad_norm": stats.grad_norm,
+    }
+
+
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-
-
-def lr_lambda(config: TrainConfig):
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        if config.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        if config.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def mean(xs) -> float | None:
@@ -301,58 +360,34 @@ def run_training(
     torch.manual_seed(c.seed)
     hf_logging.disable_progress_bar()  # ours is the only progress bar (no "Loading weights" bars)
 
-    # --- setup: data, reward, models, optimizer ----------------------------------------------------------
+    # --- setup: data, reward, learner (models, optimizer; restored from `resume`) ---------------------------
     task = load_task(c.task)
     reward_fn = build_reward(c.reward, task, device=c.device)
-    sampling = dict(
-        max_tokens=c.max_new_tokens or task_hint(task, "max_new_tokens") or 64,
-        temperature=c.temperature,
-        top_p=c.top_p,
-        stop=c.stop if c.stop is not None else task_hint(task, "stop"),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(c.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = AutoModelForCausalLM.from_pretrained(resume or c.model, dtype=torch.float32).to(c.device)
-    reference = AutoModelForCausalLM.from_pretrained(c.ref_model or c.model, dtype=torch.float32).to(c.device)
-    policy.eval()  # no dropout: the log-probabilities must be those the server samples with
-    reference.eval().requires_grad_(False)
-    check_finite(policy.state_dict(), f"check the model folder {resume or c.model}")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c))
-    start_step = 0
-    if resume:
-        start_step = load_trainer_state(resume, optimizer, scheduler)["step"]
-        log.info("resumed from %s at step %d", resume, start_step)
+    sampling = sampling_params(c, task)
+    learner = Learner(c, resume)
+    start_step = learner.step
     if start_step >= c.steps:
         raise ValueError(
             f"checkpoint {resume} is at step {start_step}; nothing left to do for steps={c.steps}"
         )
 
-    # metrics.jsonl: a fresh run starts it anew; a resumed run keeps the lines up to its checkpoint
-    metrics_path = out / METRICS_FILE
-    kept = []
-    if resume and metrics_path.exists():
-        kept = [
-            ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step
-        ]
-    metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    with ExitStack() as cleanup:  # on any exit: threads stopped, files and connections closed
+        metrics = MetricsFile(out / METRICS_FILE, resumed_at=start_step if resume else None)
+        cleanup.callback(metrics.close)
+        if backend is None:
+            backend = make_backend(c)
+            cleanup.callback(backend.close)
 
-    # --- the server: reachable? same architecture? which version offset? ----------------------------------
-    cleanup = ExitStack()  # closed on any exit: threads stopped, files and connections closed
-    if backend is None:
-        backend = make_backend(c)
-        cleanup.callback(backend.close)
-    try:
+        # --- the server: reachable? same architecture? which version offset? -------------------------------
         if hasattr(backend, "wait_until_ready"):
             backend.wait_until_ready(c.connect_timeout)
         server_version, server_tensors = backend.weights_spec()
-        push_names = check_compatible(server_tensors, policy, f"the server at {c.server_url}")
+        push_names = check_compatible(server_tensors, learner.state_dict(), f"the server at {c.server_url}")
         offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
-
         served_dtypes = {n: server_tensors[n][1] for n in push_names}
 
         def snapshot():  # a copy the optimizer will not modify while it is pushed, in the served dtypes
-            state = policy.state_dict()
+            state = learner.state_dict()
             check_finite(state, "lower learning_rate and resume from the last checkpoint")
             return backend.snapshot(state, served_dtypes)
 
@@ -368,16 +403,6 @@ def run_training(
             pusher.push_now(start_step, snapshot())  # before the producer starts: it needs this version
         producer = Producer(c, task, backend, pusher, start_step + 1, c.steps, sampling)
         cleanup.callback(producer.stop.set)
-
-        # metrics lines are written in step order, each once its push is done (it carries push_seconds)
-        pending: list[dict] = []
-        metrics_file = cleanup.enter_context(metrics_path.open("a"))
-
-        def flush_metrics() -> None:
-            while pending and pending[0]["step"] <= pusher.served:
-                metrics_file.write(json.dumps(pending.pop(0)) + "\n")
-            metrics_file.flush()
-
         bar = cleanup.enter_context(
             tqdm(
                 total=c.steps,
@@ -387,8 +412,8 @@ def run_training(
                 dynamic_ncols=True,
             )
         )
+
         train_intervals: list[tuple[float, float]] = []  # when the trainer was busy, for the overlap measure
-        K = c.samples_per_prompt
         last_checkpoint, checkpoint_seconds = None, 0.0
         loop_start = step_end = time.monotonic()
         for step in range(start_step + 1, c.steps + 1):
@@ -396,107 +421,43 @@ def run_training(
             wait_start = time.monotonic()
             batch = producer.get(pusher)
             busy_start = time.monotonic()
-            staleness = (step - 1) - batch.policy_version
-            if not 0 <= staleness <= c.max_staleness:
+            if not 0 <= (step - 1) - batch.policy_version <= c.max_staleness:
                 raise RuntimeError(f"step {step} got a batch of policy version {batch.policy_version}")
             samples = batch.samples
 
             # --- 2. score: rewards of the B*K samples, missing-EOS penalty, pairs ---------------------------
-            flat = [cmp for row in samples.completions for cmp in row]  # (B*K,) prompt-major
-            prompts_flat = [p for p in samples.prompts for _ in range(K)]
-            raw_rewards = reward_fn(prompts_flat, [cmp.text for cmp in flat])
-            finished = [cmp.finish_reason == "stop" for cmp in flat]
-            rewards = apply_missing_eos_penalty(raw_rewards, finished, c.missing_eos_penalty)
-            pairs, skipped_ties = build_pairs(rewards, K)  # [(prompt b, chosen k, rejected k)]
+            scored = score(samples, reward_fn, c)
             score_end = time.monotonic()
 
-            # --- 3. DPO loss on the pairs and one optimizer step --------------------------------------------
-            P = len(pairs)
-            stats = dict(loss=0.0, margin=0.0, accuracy=0.0, kl_sum=0.0, kl_tokens=0)
-            optimizer.zero_grad(set_to_none=True)
-            mb = c.micro_batch_size or max(P, 1)
-            for i in range(0, P, mb):  # micro-batches of pairs; gradients accumulate
-                chunk = pairs[i : i + mb]
-                m = len(chunk)
-                prompt_ids = [samples.prompt_token_ids[b] for b, _, _ in chunk] * 2
-                completion_ids = [samples.completions[b][kc].token_ids for b, kc, _ in chunk] + [
-                    samples.completions[b][kr].token_ids for b, _, kr in chunk
-                ]  # chosen rows then rejected rows: (2m,)
-                input_ids, attention_mask, completion_mask = (
-                    t.to(c.device) for t in collate(prompt_ids, completion_ids, pad_id)
-                )  # (2m, T)
-                policy_tok = token_logps(policy, input_ids, attention_mask) * completion_mask  # (2m, T)
-                with torch.no_grad():
-                    ref_tok = token_logps(reference, input_ids, attention_mask) * completion_mask  # (2m, T)
-                policy_logps, ref_logps = policy_tok.sum(-1), ref_tok.sum(-1)  # (2m,)
-                chosen_logps, rejected_logps = policy_logps[:m], policy_logps[m:]  # (m,)
-                ref_chosen_logps, ref_rejected_logps = ref_logps[:m], ref_logps[m:]  # (m,)
-                losses = dpo_loss(
-                    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c.beta, c.loss
-                )
-                (losses.sum() / P).backward()  # the mean over all P pairs
-                with torch.no_grad():
-                    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (m,)
-                    stats["loss"] += losses.sum().item() / P
-                    stats["margin"] += h.sum().item() / P
-                    stats["accuracy"] += (h > 0).sum().item() / P
-                    stats["kl_sum"] += (policy_tok - ref_tok).sum().item()  # of log pi - log pi_ref
-                    stats["kl_tokens"] += int(completion_mask.sum().item())
-            grad_norm = None
-            if P:  # (an infinite max_norm only measures)
-                max_norm = c.max_grad_norm if c.max_grad_norm is not None else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm).item()
-                if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
-                    raise NotFiniteError(
-                        f"step {step}: loss {stats['loss']}, gradient norm {grad_norm}; the step was not "
-                        f"applied and the server keeps version {step - 1 + offset} at most. Lower "
-                        "learning_rate (or set max_grad_norm) and resume from the last checkpoint"
-                    )
-            optimizer.step()  # without pairs no parameter has a gradient: the weights stay as they are
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            # --- 3. one DPO optimizer step on the pairs: policy version step-1 -> step ----------------------
+            stats = learner.train_step(samples, scored.pairs)
 
-            # --- 4. push policy version `step` in the background --------------------------------------------
+            # --- 4. push policy version `step` in the background, log its metrics once served ---------------
             weights = snapshot()
             train_end = time.monotonic()
             train_intervals = train_intervals[-c.max_staleness - 1 :] + [(busy_start, train_end)]
-            record = {
-                "step": step,
-                "version": step,
-                "batch_weights_version": batch.policy_version,
-                "staleness": staleness,
-                "reward_mean": mean(rewards),
-                "reward_chosen": mean(rewards[b * K + kc] for b, kc, _ in pairs),
-                "reward_rejected": mean(rewards[b * K + kr] for b, _, kr in pairs),
-                "loss": stats["loss"] if P else None,
-                "kl": stats["kl_sum"] / stats["kl_tokens"] if P else None,
-                "reward_accuracy": stats["accuracy"] if P else None,
-                "logratio_margin": stats["margin"] if P else None,
-                "pairs": P,
-                "skipped_ties": skipped_ties,
-                "finished_fraction": mean(finished),
-                "completion_tokens": mean(len(cmp.token_ids) for cmp in flat),
-                "lr": lr,
-                "grad_norm": grad_norm,
-                # timings: *_seconds, the only fields that differ between identical runs
-                "gen_seconds": round(batch.gen_end - batch.gen_start, 4),
-                "score_seconds": round(score_end - busy_start, 4),
-                "train_seconds": round(train_end - score_end, 4),
-                "wait_seconds": round(busy_start - wait_start, 4),  # trainer idle, waiting for the batch
-                "overlap_seconds": round(  # generation of this batch hidden behind earlier training
-                    sum(overlap((batch.gen_start, batch.gen_end), iv) for iv in train_intervals[:-1]), 4
-                ),
-                "wall_seconds": round(train_end - step_end, 4),
-            }
+            record = (
+                step_metrics(step, batch, scored, stats, c.samples_per_prompt)
+                | {
+                    # timings: *_seconds, the only fields that differ between identical runs
+                    "gen_seconds": round(batch.gen_end - batch.gen_start, 4),
+                    "score_seconds": round(score_end - busy_start, 4),
+                    "train_seconds": round(train_end - score_end, 4),
+                    "wait_seconds": round(busy_start - wait_start, 4),  # trainer idle, waiting for the batch
+                    "overlap_seconds": round(  # generation of this batch hidden behind earlier training
+                        sum(overlap((batch.gen_start, batch.gen_end), iv) for iv in train_intervals[:-1]), 4
+                    ),
+                    "wall_seconds": round(train_end - step_end, 4),
+                }
+            )
             pusher.submit(step, weights, record)
-            pending.append(record)
-            flush_metrics()
+            metrics.add(record)
+            metrics.flush(pusher.served)
             if on_step is not None:
                 on_step(record)
-            bar.set_postfix(
-                reward=f"{record['reward_mean']:.3f}",
-                loss=f"{stats['loss']:.4f}" if P else "n/a",
-                step_s=f"{record['wall_seconds']:.2f}",
+            loss = f"{stats.loss:.4f}" if stats.loss is not None else "n/a"
+            bar.set_postfix_str(
+                f"reward={record['reward_mean']:.3f}, loss={loss}, step_s={record['wall_seconds']:.2f}",
                 refresh=False,
             )
             bar.update(1)
@@ -507,22 +468,18 @@ def run_training(
             if step == c.steps or (c.checkpoint_every and step % c.checkpoint_every == 0):
                 t0 = time.monotonic()
                 pusher.wait_served(step)
-                flush_metrics()
+                metrics.flush(pusher.served)
                 extra = {"config": c.model_dump(), "version_offset": offset}
-                last_checkpoint = save_checkpoint(
-                    checkpoint_dir(out, step), policy, tokenizer, optimizer, scheduler, step, extra
-                )
+                last_checkpoint = learner.save_checkpoint(checkpoint_dir(out, step), extra)
                 checkpoint_seconds += time.monotonic() - t0
             step_end = time.monotonic()
         pusher.close()
-        flush_metrics()
-    finally:
-        cleanup.close()
+        metrics.flush(pusher.served)
     return {
         "steps": c.steps,
         "start_step": start_step,
         "output_dir": str(out),
-        "metrics_path": str(metrics_path),
+        "metrics_path": str(metrics.path),
         "final_checkpoint": str(last_checkpoint),
         "version_offset": offset,
         "server_version": c.steps + offset,
