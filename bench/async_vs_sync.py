@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="server's share of the GPU")
     parser.add_argument(
-        "--push", default="auto", choices=["auto", "http", "shared", "ipc"], help="weight transport"
+        "--push", default="auto", help="weight transport(s), comma-separated: auto, http, shared, ipc"
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -119,17 +119,18 @@ def main(argv: list[str] | None = None) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         seed=args.seed,
-        checkpoint_root=work / "async_vs_sync" / "shared" if args.push == "shared" else None,
+        checkpoint_root=work / "async_vs_sync" / "shared",
     )
     staleness_values = [int(s) for s in args.staleness.split(",")]
-    runs: dict[int, dict] = {}
+    transports = args.push.split(",")
+    by_transport: dict[str, dict[int, dict]] = {}
     with running_server(model_dir, options, work / "async_vs_sync" / "server.log") as server:
         if args.trainer_cpus:  # after the server started: its processes keep the default affinity
             os.sched_setaffinity(0, {int(c) for c in args.trainer_cpus.split(",")})
         if args.trainer_threads:
             torch.set_num_threads(args.trainer_threads)
-        for staleness in staleness_values:
-            out_dir = work / "async_vs_sync" / f"staleness-{staleness}"
+        for push, staleness in [(p, st) for p in transports for st in staleness_values]:
+            out_dir = work / "async_vs_sync" / f"{push}-staleness-{staleness}"
             config = TrainConfig(
                 model=str(model_dir),
                 server_url=server.url,
@@ -145,37 +146,44 @@ def main(argv: list[str] | None = None) -> None:
                 output_dir=str(out_dir),
                 seed=args.seed,
                 progress_bar=False,
-                push=args.push,
-                shared_dir=str(work / "async_vs_sync" / "shared") if args.push == "shared" else None,
+                push=push,
+                shared_dir=str(work / "async_vs_sync" / "shared") if push == "shared" else None,
                 **dict(parse_override(item) for item in args.overrides),
             )
-            print(f"max_staleness={staleness}: {args.steps} steps ...", flush=True)
+            print(f"push={push} max_staleness={staleness}: {args.steps} steps ...", flush=True)
             started = time.perf_counter()
             summary = run_training(config)
             records = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines()]
-            runs[staleness] = {
+            by_transport.setdefault(push, {})[staleness] = {
                 **summarise(records, args.skip),
                 "total_seconds": time.perf_counter() - started,
                 "metrics_path": summary["metrics_path"],
             }
 
     rows = []
-    headers = ["max_staleness", "wall s/step", "gen g s/step", "train t s/step", "push s/step"]
-    headers += ["trainer idle s/step", "generator idle s/step", "gen hidden s/step"]
-    for staleness, r in runs.items():
-        rows.append(
-            [staleness, r["wall_per_step"], r["gen_per_step"], r["train_per_step"], r["push_per_step"]]
-            + [r["trainer_idle_per_step"], r["generator_idle_per_step"], r["overlap_per_step"]]
-        )
-    results: dict = {"runs": {str(k): v for k, v in runs.items()}}
-    if 0 in runs and 1 in runs:
-        g, t = runs[0]["gen_per_step"], runs[0]["train_per_step"]
-        ideal = (g + t) / max(g, t)
-        speedup = runs[0]["wall_per_step"] / runs[1]["wall_per_step"]
-        results.update(speedup=speedup, ideal_speedup=ideal, fraction_of_ideal=(speedup - 1) / (ideal - 1))
-        # how close the asynchronous run came to its own bound max(g, t) (its g and t grow under contention)
-        a = runs[1]
-        results["async_bound_fraction"] = max(a["gen_per_step"], a["train_per_step"]) / a["wall_per_step"]
+    headers = ["push", "max_staleness", "wall s/step", "gen g s/step", "train t s/step", "push s/step"]
+    headers += ["trainer idle s/step", "generator idle s/step", "gen hidden s/step", "wall / max(g, t)"]
+    results: dict = {"runs": {}}
+    for push, runs in by_transport.items():
+        for staleness, r in runs.items():
+            bound = max(r["gen_per_step"], r["train_per_step"])
+            rows.append(
+                [push, staleness, r["wall_per_step"], r["gen_per_step"], r["train_per_step"]]
+                + [r["push_per_step"], r["trainer_idle_per_step"], r["generator_idle_per_step"]]
+                + [r["overlap_per_step"], r["wall_per_step"] / bound]
+            )
+        summary: dict = {"runs": {str(k): v for k, v in runs.items()}}
+        if 0 in runs and 1 in runs:
+            g, t = runs[0]["gen_per_step"], runs[0]["train_per_step"]
+            ideal = (g + t) / max(g, t)
+            speedup = runs[0]["wall_per_step"] / runs[1]["wall_per_step"]
+            summary.update(
+                speedup=speedup, ideal_speedup=ideal, fraction_of_ideal=(speedup - 1) / (ideal - 1)
+            )
+            # how close the asynchronous run came to its bound max(g, t) (its g and t grow under contention)
+            a = runs[1]
+            summary["async_bound_fraction"] = max(a["gen_per_step"], a["train_per_step"]) / a["wall_per_step"]
+        results["runs"][push] = summary
     machine = describe_machine()
     machine["load_average_1m"] = os.getloadavg()[0]
     print()
@@ -184,13 +192,14 @@ def main(argv: list[str] | None = None) -> None:
           f"{machine_line(machine)}; load average {machine['load_average_1m']:.1f}")  # fmt: skip
     print()
     print(markdown_table(headers, rows))
-    if "speedup" in results:
-        print(
-            f"\nspeedup (sync wall / async wall): {results['speedup']:.2f}x; ideal (g+t)/max(g,t) with the "
-            f"synchronous g={g:.3f} s, t={t:.3f} s: {results['ideal_speedup']:.2f}x; "
-            f"share of the ideal gain achieved: {results['fraction_of_ideal']:.0%}; the asynchronous run's "
-            f"max(g, t) / wall: {results['async_bound_fraction']:.0%}"
-        )
+    for push, summary in results["runs"].items():
+        if "speedup" in summary:
+            print(
+                f"\npush={push}: speedup (sync wall / async wall) {summary['speedup']:.2f}x; ideal "
+                f"(g+t)/max(g,t) for the synchronous g and t: {summary['ideal_speedup']:.2f}x; share of the "
+                f"ideal gain achieved: {summary['fraction_of_ideal']:.0%}; the asynchronous run's "
+                f"max(g, t) / wall: {summary['async_bound_fraction']:.0%}"
+            )
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update(device=device, server_dtype=dtype)
     write_results(args.out or work / "async_vs_sync.json", "async_vs_sync", machine, settings, results)

@@ -51,6 +51,9 @@ SIZES: dict[str, TinyModelSpec] = {
     "3b": TinyModelSpec(
         hidden_size=3072, num_layers=26, num_heads=24, intermediate_size=8192, max_position_embeddings=1024
     ),
+    "7b": TinyModelSpec(
+        hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008, max_position_embeddings=1024
+    ),
 }
 
 

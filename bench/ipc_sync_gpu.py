@@ -89,7 +89,10 @@ def main() -> None:
     parser.add_argument("--bucket-mib", type=int, default=1024)
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="one size (0.5b), 2 rounds")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.rounds = ["0.5b"], 2
     machine = describe_machine()
     results = [measure(size, args.rounds, args.bucket_mib, args.work_dir) for size in args.sizes]
     headers = ["model", "GB (bf16)", "buckets", "snapshot s", "push s", "server pause-to-resume s",

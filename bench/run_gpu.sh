@@ -3,6 +3,7 @@
 #
 #   bash bench/run_gpu.sh 1 2      # generate overhead + vLLM vs transformers (about 5 minutes)
 #   bash bench/run_gpu.sh 3        # weight push for 0.1b, 0.5b, 1b (about 5-7 minutes)
+#   bash bench/run_gpu.sh ipc      # CUDA IPC weight sync for 0.5b, 1b, 3b (about 5 minutes)
 #   bash bench/run_gpu.sh tests    # the server's test suite against the CUDA engine
 #   bash bench/run_gpu.sh learn-server learn-colocate   # the 308M-parameter demo in both modes
 #   bash bench/run_gpu.sh learn-server-2gpu    # server mode with the server on GPU 1, trainer on GPU 0
@@ -57,15 +58,16 @@ for b in "$@"; do
     1) name=generate_overhead ;;
     2) name=vllm_vs_transformers ;;
     3) name=weight_push ;;
+    ipc) name=ipc_sync_gpu ;;
     tests|learn-server|learn-server-2gpu|learn-colocate) name=$b ;;
-    *) echo "unknown benchmark '$b' (choose 1, 2, 3, tests, learn-server, learn-server-2gpu or learn-colocate)"
+    *) echo "unknown benchmark '$b' (choose 1, 2, 3, ipc, tests, learn-server, learn-server-2gpu or learn-colocate)"
        exit 2 ;;
   esac
   case $b in
     tests)
       echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
       python3 -m pytest -q -p no:cacheprovider tests/test_server_http.py tests/test_server_generation.py \
-        tests/test_server_concurrency.py tests/test_server_units.py > "$DEST/tests.log" 2>&1
+        tests/test_server_concurrency.py tests/test_server_units.py tests/test_transports.py tests/test_ipc_gpu.py > "$DEST/tests.log" 2>&1
       rc=$?; tail -n 40 "$DEST/tests.log"
       echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
       continue ;;

@@ -20,7 +20,7 @@ from trainer_client.client import GeneratorClient, PushTarget
 from trainer_client.config import TrainConfig
 from trainer_client.train import run_training
 from trainer_client.transports import TransportError, choose_transport
-from trainer_client.transports.ipc import ALIGN, host_id, pack_buckets
+from trainer_client.transports.ipc import ALIGN, bucket_tensors, host_id, pack_buckets
 
 
 def test_cpu_server_offers_http_and_shared_and_says_where_it_runs(client):
@@ -108,15 +108,11 @@ def test_buckets_hold_each_tensor_cast_to_the_served_dtype_and_respect_the_size(
     }
     dtypes = {"embed": "bfloat16", "a": "bfloat16", "b": "float32", "ids": "int64", "huge": "bfloat16"}
     buckets = pack_buckets(tensors, dtypes, bucket_bytes=5000)
-    seen = {}
     for bucket in buckets:
         assert bucket.buffer.dtype == torch.uint8 and bucket.buffer.dim() == 1
         assert bucket.buffer.numel() <= 5000 or len(bucket.tensors) == 1
-        for t in bucket.tensors:
-            assert t["offset"] % ALIGN == 0
-            dtype = getattr(torch, t["dtype"])
-            n = torch.Size(t["shape"]).numel() * dtype.itemsize
-            seen[t["name"]] = bucket.buffer[t["offset"] : t["offset"] + n].view(dtype).view(t["shape"])
+        assert all(t["offset"] % ALIGN == 0 for t in bucket.tensors)
+    seen = bucket_tensors(buckets)
     assert list(seen) == list(dtypes)  # every tensor once, in order
     for name, value in seen.items():
         expected = tensors[name].to(value.dtype)

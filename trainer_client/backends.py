@@ -8,13 +8,16 @@ HTTP :class:`~trainer_client.client.GeneratorClient` for generation and a weight
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from trainer_client.client import Completion, GeneratorClient, GeneratorUnavailable
+from trainer_client.client import Completion, GeneratorClient, GeneratorHTTPError, GeneratorUnavailable
 from trainer_client.config import TrainConfig
 from trainer_client.transports import WeightTransport, choose_transport, make_transport
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,7 +114,22 @@ class ServerBackend:
         return self._transport().snapshot(tensors, dtypes)
 
     def push(self, snapshot, version: int) -> dict:
-        return self._transport().push(snapshot, version)
+        transport = self._transport()
+        try:
+            return transport.push(snapshot, version)
+        except GeneratorHTTPError as e:
+            if not (self.push_mode == "auto" and transport.name == "ipc" and e.status_code == 400):
+                raise
+            # Same GPU, but the handles could not be opened (e.g. containers without a shared IPC
+            # namespace): `auto` falls back to HTTP for the rest of the run. The failed transfer left the
+            # server serving a whole version, and this push sends a whole one.
+            log.warning("CUDA IPC push refused (%s); push: auto falls back to http", e.detail)
+            from trainer_client.transports.ipc import bucket_tensors
+
+            tensors = bucket_tensors(snapshot)
+            dtypes = {n: str(t.dtype).removeprefix("torch.") for n, t in tensors.items()}
+            self.transport = make_transport("http", self.client, self.config)
+            return self.transport.push(self.transport.snapshot(tensors, dtypes), version)
 
     def close(self) -> None:
         if self.transport is not None:

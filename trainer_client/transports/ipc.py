@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,17 @@ def local_gpu(device: str) -> tuple[str, str] | None:
 class Bucket:
     buffer: torch.Tensor  # (nbytes,) uint8 on the GPU
     tensors: list[dict] = field(default_factory=list)  # name, shape, dtype, offset (bytes)
+
+
+def bucket_tensors(buckets: list[Bucket]) -> dict[str, torch.Tensor]:
+    """The tensors packed into ``buckets``, as views of them (name -> tensor in the served dtype)."""
+    out = {}
+    for bucket in buckets:
+        for t in bucket.tensors:
+            dtype = getattr(torch, t["dtype"])
+            nbytes = math.prod(t["shape"]) * dtype.itemsize
+            out[t["name"]] = bucket.buffer[t["offset"] : t["offset"] + nbytes].view(dtype).view(t["shape"])
+    return out
 
 
 def _b64(data: bytes) -> str:

@@ -1,0 +1,142 @@
+"""The trainer's DPO step alone, per model size, precision and activation checkpointing: time and memory.
+
+No server: the learner (``trainer_client/learner.py``, exactly what the training loop calls) takes one
+step's samples, built here at a fixed shape (``--pairs`` preference pairs of a ``--prompt-tokens`` prompt
+and two ``--completion-tokens`` completions each, the issue's 16 pairs of about 160 tokens by default), and
+runs ``train_step`` (policy forward and backward, reference forward, AdamW) ``--steps`` times after one
+warm-up step. Reports seconds per step, peak GPU memory (``torch.cuda.max_memory_allocated``) and the
+achieved rate: 6 x params FLOP per token for the policy, 2 x for the reference, 2 x more for the
+recomputation under checkpointing; a size that does not fit is reported as out of memory, so the table
+shows the largest size that trains on the card in each setting.
+
+    PYTHONPATH=$PWD python bench/learner_step.py --sizes 1b 3b --settings bf16 bf16+gc fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+from pathlib import Path
+
+from bench.common import (
+    DEFAULT_WORK_DIR,
+    SIZES,
+    build_model,
+    count_params,
+    describe_machine,
+    human_params,
+    machine_line,
+    markdown_table,
+    median,
+    write_results,
+)
+
+SETTINGS = {  # name -> (precision, gradient_checkpointing)
+    "fp32": ("fp32", False),
+    "bf16": ("bf16", False),
+    "bf16+gc": ("bf16", True),
+}
+
+
+def synthetic_batch(pairs: int, prompt_tokens: int, completion_tokens: int, vocab: int, seed: int):
+    from trainer_client.backends import GenerationBatch
+    from trainer_client.client import Completion
+
+    rng = random.Random(seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(4, vocab) for _ in range(n)]
+
+    prompts = [ids(prompt_tokens) for _ in range(pairs)]
+    completions = [
+        [Completion(text="", token_ids=ids(completion_tokens), finish_reason="length") for _ in range(2)]
+        for _ in range(pairs)
+    ]
+    batch = GenerationBatch(weights_version=0, prompts=[""] * pairs, prompt_token_ids=prompts,
+                            completions=completions)  # fmt: skip
+    return batch, [(b, 0, 1) for b in range(pairs)]
+
+
+def measure(size: str, setting: str, args) -> dict:
+    import torch
+
+    from trainer_client.config import TrainConfig
+    from trainer_client.learner import Learner
+
+    precision, checkpointing = SETTINGS[setting]
+    model_dir = build_model(size, "bfloat16", args.work_dir / "models")
+    params = count_params(SIZES[size])
+    row = {"size": size, "params": params, "setting": setting}
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    learner = None
+    try:
+        config = TrainConfig(
+            model=str(model_dir), device=args.device, precision=precision, steps=args.steps + 1,
+            gradient_checkpointing=checkpointing, logprob_chunk_tokens=args.logprob_chunk_tokens,
+        )  # fmt: skip
+        learner = Learner(config)
+        batch, pairs = synthetic_batch(
+            args.pairs, args.prompt_tokens, args.completion_tokens, SIZES[size].vocab_size, args.seed
+        )
+        times = []
+        for i in range(args.steps + 1):
+            sync()
+            t0 = time.perf_counter()
+            learner.train_step(batch, pairs)
+            sync()
+            if i:
+                times.append(time.perf_counter() - t0)
+        tokens = 2 * args.pairs * (args.prompt_tokens + args.completion_tokens)
+        flop = (6 + 2 + (2 if checkpointing else 0)) * params * tokens
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        row.update(seconds=median(times), peak_gib=peak, fits=True, tflops=flop / median(times) / 1e12)
+    except torch.OutOfMemoryError as e:
+        row.update(
+            fits=False, error=str(e).splitlines()[0][:200], peak_gib=torch.cuda.max_memory_allocated() / 2**30
+        )
+    finally:
+        del learner
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["1b"], choices=list(SIZES))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--completion-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--logprob-chunk-tokens", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a quick check of the script")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    machine = describe_machine()
+    rows = [measure(size, setting, args) for size in args.sizes for setting in args.settings]
+    print(f"\n## DPO step: {args.pairs} pairs x (prompt {args.prompt_tokens} + completion "
+          f"{args.completion_tokens} tokens); {machine_line(machine)}\n")  # fmt: skip
+    table = [
+        [f"{r['size']} ({human_params(r['params'])})", r["setting"],
+         r["seconds"] if r["fits"] else "out of memory", r["peak_gib"], r.get("tflops", "")]
+        for r in rows
+    ]  # fmt: skip
+    print(markdown_table(["model", "setting", "s/step", "peak GiB", "TFLOP/s"], table))
+    write_results(
+        args.out or args.work_dir / "learner_step.json", "learner_step", machine, vars(args), {"rows": rows}
+    )
+
+
+if __name__ == "__main__":
+    main()
