@@ -41,7 +41,11 @@ class ServerSettings(BaseSettings):
         64 * 2**30, ge=1, description="Largest PUT /weights body accepted, in bytes (larger: 413)."
     )
     work_dir: Path | None = Field(
-        None, description="Folder for staged uploads and the current weights (default: a temporary one)."
+        None,
+        description="Folder for staged uploads and the pushed weights being served. Unset (auto): a push "
+        "is received in memory (a folder of the server's own in /dev/shm) when /dev/shm and the free "
+        "memory have room for its Content-Length plus a quarter plus 1 GiB, else in a temporary folder "
+        "on disk; /weights/load always stages on disk. Set: always this folder (on a tmpfs, in memory).",
     )
     enforce_eager: bool = Field(
         False, description="Skip torch.compile and CUDA graphs: faster start, slower generation."

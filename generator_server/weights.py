@@ -5,11 +5,16 @@ header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end
 start of the tensor bytes. Checking that the offsets tile the data section exactly catches truncated and
 padded files, and comparing names and shapes with the served model catches the wrong model, all before
 the engine is touched.
+
+Where pushed weights live: in memory when there is room (a folder in ``/dev/shm``, a tmpfs: receiving is a
+memory copy and the engine reads them back at memory speed), else on disk. See :class:`WeightStore`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -18,7 +23,7 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +43,14 @@ TORCH_NAMES = {
 MAX_HEADER_BYTES = 100 * 2**20
 WRITE_CHUNK_BYTES = 8 * 2**20
 STAGING_PREFIX, SERVED_PREFIX = "staging-", "served-v"
+MEMORY_DIR = Path("/dev/shm")
+"""The tmpfs where pushes are staged in memory (when the server has no ``--work-dir``)."""
+MEMORY_ROOT_PREFIX = "generator-pushes-"
+"""Prefix of the memory folders (not that of the disk folder: a TMPDIR in /dev/shm must not be swept)."""
+MEMORY_HEADROOM_BYTES = 2**30
+"""Memory a push must leave free (besides a quarter of its own size) to be staged in memory: the engine's
+reload needs some, and running out of memory kills processes where running out of disk only fails a push."""
+IOV_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -176,12 +189,25 @@ def check_compatible(
 
 # --- the weights folders this server owns --------------------------------------------------------------
 class WeightStore:
-    """The work folder: one staging folder per incoming push and the folder of the weights being served.
+    """The folders this server owns: one staging folder per incoming weights and the folder of the weights
+    being served.
 
-    The served folder stays on disk until newer weights are in place, so a failed reload can always go
-    back to exactly the weights that were served before."""
+    The served folder stays until newer weights are in place, so a failed reload can always go back to
+    exactly the weights that were served before. A push (``PUT /weights``) is staged in memory, in a folder
+    of this server's own in ``/dev/shm``, when ``work_dir`` is None and there is room for it (see
+    :meth:`memory_room`), else in the work folder on disk (a temporary one when ``work_dir`` is None);
+    its served copy stays where it was staged (a rename, never a copy). ``POST /weights/load`` always
+    stages on disk, where it can hard-link the file. Folders are deleted when superseded; the memory folder
+    goes with the server, and one left by a server that died without cleaning up (its lock is free) is
+    deleted by the next server that starts."""
 
-    def __init__(self, model_dir: Path, work_dir: Path | None, max_upload_bytes: int):
+    def __init__(
+        self,
+        model_dir: Path,
+        work_dir: Path | None,
+        max_upload_bytes: int,
+        memory_dir: Path | None = MEMORY_DIR,
+    ):
         self.max_upload_bytes = max_upload_bytes
         self._owns_work_dir = work_dir is None
         self.work_dir = Path(tempfile.mkdtemp(prefix="generator-weights-")) if work_dir is None else work_dir
@@ -189,11 +215,30 @@ class WeightStore:
         for old in self.work_dir.iterdir():  # left over by an earlier run of a server on this work dir
             if old.is_dir() and old.name.startswith((STAGING_PREFIX, SERVED_PREFIX)):
                 shutil.rmtree(old, ignore_errors=True)
+        self.memory_root: Path | None = None
+        """This server's folder in ``memory_dir`` (None: pushes are staged on disk)."""
+        self._memory_lock: int | None = None
+        if work_dir is None and memory_dir is not None:
+            self.memory_root, self._memory_lock = _claim_memory_root(memory_dir)
         self.served_dir = model_dir
         """Folder holding the safetensors of the weights served now (at first, the model folder)."""
 
-    def new_staging_dir(self) -> Path:
-        path = self.work_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+    def memory_room(self) -> int:
+        """Bytes that may be staged in memory now: free space of the tmpfs, capped by the memory the
+        kernel says is available (and by this cgroup's limit): tmpfs pages are memory, and no swap may
+        take them."""
+        if self.memory_root is None:
+            return 0
+        room = min(shutil.disk_usage(self.memory_root).free, _available_memory())
+        return max(0, room - MEMORY_HEADROOM_BYTES)
+
+    def new_staging_dir(self, nbytes: int | None = None) -> Path:
+        """A new staging folder: in memory if ``nbytes`` (the size to stage) fits there with a margin of a
+        quarter of itself, else in the work folder."""
+        in_memory = (
+            self.memory_root is not None and nbytes is not None and nbytes + nbytes // 4 <= self.memory_room()
+        )
+        path = (self.memory_root if in_memory else self.work_dir) / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         path.mkdir()
         return path
 
@@ -201,8 +246,8 @@ class WeightStore:
         shutil.rmtree(staged, ignore_errors=True)
 
     def prepare(self, staged: Path, version: int) -> Path:
-        """Move checked weights to the folder they will be served from as ``version``."""
-        target = self.work_dir / f"{SERVED_PREFIX}{version}"
+        """Move checked weights to the folder they will be served from as ``version`` (same parent)."""
+        target = staged.parent / f"{SERVED_PREFIX}{version}"
         shutil.rmtree(target, ignore_errors=True)  # a failed earlier attempt at this version
         staged.rename(target)
         return target
@@ -210,20 +255,26 @@ class WeightStore:
     def promote(self, folder: Path) -> None:
         """``folder`` is served now; the folder served before is deleted unless it is the model folder."""
         previous, self.served_dir = self.served_dir, folder
-        if previous.parent == self.work_dir:
+        if previous != folder and previous.parent in (self.work_dir, self.memory_root):
             shutil.rmtree(previous, ignore_errors=True)
 
     def close(self) -> None:
         if self._owns_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self.memory_root is not None:
+            shutil.rmtree(self.memory_root, ignore_errors=True)
+            os.close(self._memory_lock)
+            self.memory_root = self._memory_lock = None
 
-    # --- PUT /weights: the request body, streamed to disk --------------------------------------------
+    # --- PUT /weights: the request body, streamed to the staging folder ------------------------------
     async def receive(
         self, chunks: AsyncIterator[bytes], content_length: int | None, sha256: str | None
     ) -> tuple[Path, int]:
         """Write the body to ``<staging>/model.safetensors``, hashing it on the way; (staging dir, bytes).
 
-        Never holds more than ``WRITE_CHUNK_BYTES`` of it in memory. 413 past ``max_upload_bytes``."""
+        Chunks are gathered into batches of ``WRITE_CHUNK_BYTES``; a thread hashes and writes one batch
+        while the next one arrives, so at most two batches are held in memory. 413 past
+        ``max_upload_bytes``; 400 for a body shorter than ``content_length`` or not matching ``sha256``."""
         limit = self.max_upload_bytes
         if content_length is not None and content_length > limit:
             raise ApiError(413, f"body of {content_length} bytes exceeds --max-upload-bytes {limit}")
@@ -231,24 +282,42 @@ class WeightStore:
             sha256 = sha256.strip().lower()
             if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
                 raise ApiError(400, "X-Weights-SHA256 must be 64 hexadecimal digits")
-        staged = self.new_staging_dir()
-        digest, received, buffer = hashlib.sha256(), 0, bytearray()
+        staged = self.new_staging_dir(content_length)
+        digest, received = hashlib.sha256(), 0
+        writing: asyncio.Task | None = None  # the thread hashing and writing the latest batch
+
         try:
-            with open(staged / "model.safetensors", "wb") as f:
+            fd = os.open(staged / "model.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
-                def write(data: bytearray) -> None:
-                    digest.update(data)
-                    f.write(data)
+            def write(batch: list[bytes]) -> None:
+                for chunk in batch:
+                    digest.update(chunk)  # releases the GIL
+                _write_all(fd, batch)
 
+            async def flush(batch: list[bytes]) -> None:
+                nonlocal writing
+                if writing is not None:  # batches are hashed and written in order
+                    await asyncio.shield(writing)  # a cancelled request must not abandon the thread
+                writing = asyncio.ensure_future(asyncio.to_thread(write, batch))
+
+            try:
+                batch, batch_bytes = [], 0
                 async for chunk in chunks:
                     received += len(chunk)
                     if received > limit:
                         raise ApiError(413, f"body exceeds --max-upload-bytes {limit}")
-                    buffer += chunk
-                    if len(buffer) >= WRITE_CHUNK_BYTES:  # awaited before the buffer changes: no copy
-                        await asyncio.to_thread(write, buffer)
-                        buffer.clear()
-                await asyncio.to_thread(write, buffer)
+                    batch.append(chunk)
+                    batch_bytes += len(chunk)
+                    if batch_bytes >= WRITE_CHUNK_BYTES:
+                        await flush(batch)
+                        batch, batch_bytes = [], 0
+                await flush(batch)
+                await asyncio.shield(writing)
+            finally:
+                while writing is not None and not writing.done():  # the thread ends before the file
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(writing)
+                os.close(fd)
             if content_length is not None and received != content_length:
                 raise ApiError(400, f"body ended after {received} of {content_length} bytes")
             if sha256 is not None and digest.hexdigest() != sha256:
@@ -309,3 +378,59 @@ def _link_or_copy(source: Path, dest: Path) -> None:
         os.link(source, dest)
     except OSError:
         shutil.copyfile(source, dest)
+
+
+def _write_all(fd: int, buffers: Sequence[bytes]) -> None:
+    """Write ``buffers`` in order at the file's position: ``writev`` (no joining copy), resumed after
+    a partial write."""
+    pending = [memoryview(b) for b in buffers if len(b)]
+    while pending:
+        written = os.writev(fd, pending[:IOV_MAX])
+        while written and written >= len(pending[0]):
+            written -= len(pending.pop(0))
+        if written:
+            pending[0] = pending[0][written:]
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to this process: ``MemAvailable``, capped by a cgroup v2 limit."""
+    available = 2**63
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+        available = int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    return available
+
+
+def _claim_memory_root(memory_dir: Path) -> tuple[Path | None, int | None]:
+    """A new folder of this server's own in ``memory_dir``, locked (``flock``) for as long as the server
+    lives; (None, None) when ``memory_dir`` is missing or not writable. First deletes the folders of servers
+    that are gone: a folder whose lock can be taken has no live owner (the kernel drops a lock with its
+    process, however the process ended)."""
+    if not (memory_dir.is_dir() and os.access(memory_dir, os.W_OK | os.X_OK)):
+        return None, None
+    for old in memory_dir.glob(f"{MEMORY_ROOT_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its server lives
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                os.close(fd)
+    for _ in range(3):  # another server starting at the same moment may sweep our new folder away
+        try:
+            root = Path(tempfile.mkdtemp(prefix=MEMORY_ROOT_PREFIX, dir=memory_dir))
+        except OSError:
+            return None, None
+        with contextlib.suppress(OSError):
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while a sweep holds it; then the folder may be gone
+            if os.stat(root).st_ino == os.fstat(fd).st_ino:
+                return root, fd
+            os.close(fd)
+    return None, None

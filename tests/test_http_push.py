@@ -1,0 +1,303 @@
+"""``push: http`` streamed from memory (issue 10): the body the client builds from the snapshot's own memory,
+the SHA-256 computed while the snapshot is copied, and what the server does with pushes that break off
+or arrive corrupted; then the server's in-memory staging (``/dev/shm``) on its own, without an engine.
+
+The real-server tests use the session server of ``conftest.py`` (its ``--work-dir`` puts staging on disk;
+the staging code is the same in memory, which the ``WeightStore`` tests below cover). Refusals already
+tested in ``test_server_http.py`` (wrong digest header, truncated file, wrong tensors) are not repeated."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import API_KEY, same_outputs
+from safetensors.torch import load_file, save_file
+from starlette.requests import ClientDisconnect
+
+from generator_server.errors import ApiError
+from generator_server.weights import MEMORY_ROOT_PREFIX, WeightStore
+from trainer_client.client import GeneratorClient, SafetensorsBody
+from trainer_client.transports.base import host_snapshot
+from trainer_client.transports.http import HttpTransport
+
+PROBE = {"prompts": ["The cat sat", "Hello world, this is"], "max_tokens": 12, "temperature": 0.0}
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    """Every dtype a model holds, a 0-d and an empty tensor, names out of order."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "z.weight": torch.randn(4, 6, generator=g).to(torch.bfloat16),
+        "a.weight": torch.randn(3, 5, generator=g),
+        "positions": torch.arange(7),
+        "scale": torch.tensor(0.25),
+        "empty": torch.zeros(0, 3),
+        "half": torch.randn(2, 2, generator=g).half(),
+        "mask": torch.tensor([True, False, True]),
+        "b.bias": torch.randn(5, generator=g).to(torch.bfloat16),
+    }
+
+
+def body_bytes(body: SafetensorsBody) -> bytes:
+    return b"".join(bytes(chunk) for chunk in body.chunks())
+
+
+# --- the body ------------------------------------------------------------------------------------------
+def test_streamed_body_is_byte_identical_to_save_file(tmp_path):
+    tensors = mixed_tensors()
+    save_file(tensors, tmp_path / "ref.safetensors")
+    expected = (tmp_path / "ref.safetensors").read_bytes()
+    body = SafetensorsBody(tensors)
+    assert body.nbytes == len(expected)
+    assert body_bytes(body) == expected
+    assert body_bytes(body) == expected  # chunks() starts again each time (a retry re-sends it all)
+    assert body.sha256() == hashlib.sha256(expected).hexdigest()
+    for name, view in zip(body.order, body.views, strict=False):  # read in place, not copied
+        if view.nbytes:
+            assert np.frombuffer(view, dtype=np.uint8).ctypes.data == tensors[name].data_ptr()
+
+
+def test_snapshot_hashes_the_body_it_sends():
+    got = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        got.setdefault("bodies", []).append(b"".join(request.stream))
+        got["sha"] = request.headers["x-weights-sha256"]
+        if len(got["bodies"]) == 1:
+            return httpx.Response(502, text="try again")
+        return httpx.Response(200, json={"weights_version": 1, "bytes": 0, "load_seconds": 0.0})
+
+    client = GeneratorClient("http://fake", transport=httpx.MockTransport(handler), backoff=0.001)
+    live = {n: t.float() if t.is_floating_point() else t for n, t in mixed_tensors().items()}
+    served = {n: "bfloat16" for n in live} | {"a.weight": "float32"}
+    expected = body_bytes(SafetensorsBody(host_snapshot(live, served)))
+    transport = HttpTransport(client)
+    snapshot = transport.snapshot(live, served)
+    for t in live.values():  # the optimizer steps on: the snapshot does not change
+        t.logical_not_() if t.dtype == torch.bool else t.add_(1)
+    transport.push(snapshot, version=1)
+    transport.close()
+    assert got["bodies"] == [expected] * 2  # retried from the first byte
+    assert got["sha"] == snapshot.sha256.result() == hashlib.sha256(expected).hexdigest()
+
+
+# --- against the real server ------------------------------------------------------------------------
+def probe(client: httpx.Client) -> dict:
+    response = client.post("/generate", json={**PROBE, "logprobs": True, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """The same answer but for the version: the same weights served."""
+    return same_outputs(a, {**b, "weights_version": a["weights_version"]})
+
+
+@pytest.fixture
+def gen(server):
+    with GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+def transport(gen):
+    t = HttpTransport(gen)
+    yield t
+    t.close()
+
+
+def served_dtypes(gen: GeneratorClient) -> dict[str, str]:
+    return {name: spec.dtype for name, spec in gen.weights_spec().tensors.items()}
+
+
+def settle(work_dir: Path, version: int, timeout: float = 30.0) -> None:
+    """Wait until the server has cleaned up after a broken push: only the served copy is left."""
+    deadline = time.monotonic() + timeout
+    while sorted(p.name for p in work_dir.iterdir()) != [f"served-v{version}"]:
+        assert time.monotonic() < deadline, sorted(p.name for p in work_dir.iterdir())
+        time.sleep(0.1)
+
+
+def test_push_of_a_snapshot_serves_those_weights(server, client, gen, transport, make_weights):
+    """The streamed push serves exactly what the same tensors pushed as a file serve, and not the old."""
+    version = server.weights_version() + 1
+    before = probe(client)
+    path = make_weights(seed=41)
+    out = transport.push(transport.snapshot(load_file(path), served_dtypes(gen)), version)
+    assert out["weights_version"] == version and out["bytes"] == path.stat().st_size
+    streamed = probe(client)
+    assert streamed["weights_version"] == version and not same_weights(streamed, before)
+    assert server.push(path, version + 1).status_code == 200  # the reference: the file's bytes
+    assert same_weights(probe(client), streamed)
+
+
+def _half_by_socket(server, version: int, body: SafetensorsBody, sha256: str) -> None:
+    """Headers and half of the body over a raw socket, then the connection is dropped."""
+    data = body_bytes(body)
+    head = (
+        f"PUT /weights?version={version} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Length: {len(data)}\r\nX-Weights-SHA256: {sha256}\r\n\r\n"
+    )
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(head.encode() + data[: len(data) // 2])
+        time.sleep(0.2)  # let the server take in the first half
+
+
+def _half_by_failing_stream(server, version: int, body: SafetensorsBody, sha256: str) -> None:
+    """httpx streaming the body whose source fails half-way (the sender dies mid-push)."""
+
+    def chunks():
+        sent = 0
+        for chunk in body.chunks():
+            yield chunk
+            sent += len(chunk)
+            if sent >= body.nbytes // 2:
+                raise RuntimeError("the sender died")
+
+    headers = {"Content-Length": str(body.nbytes), "X-Weights-SHA256": sha256}
+    with server.client() as c, pytest.raises(RuntimeError, match="the sender died"):
+        c.put("/weights", params={"version": version}, content=chunks(), headers=headers)
+
+
+@pytest.mark.parametrize("break_off", [_half_by_socket, _half_by_failing_stream])
+def test_push_broken_off_half_way_changes_nothing(
+    server, client, gen, transport, make_weights, server_work_dir, break_off
+):
+    dtypes = served_dtypes(gen)
+    version = server.weights_version() + 1
+    transport.push(transport.snapshot(load_file(make_weights(seed=42)), dtypes), version)
+    before = probe(client)
+
+    new = transport.snapshot(load_file(make_weights(seed=43)), dtypes)
+    break_off(server, version + 1, new.body, new.sha256.result())
+    settle(server_work_dir, version)
+    assert server.weights_version() == version
+    assert same_outputs(probe(client), before)  # the previous version, whole
+
+    transport.push(new, version + 1)  # the next full push works
+    after = probe(client)
+    assert after["weights_version"] == version + 1 and not same_weights(after, before)
+    settle(server_work_dir, version + 1)
+
+
+def test_corrupted_body_is_refused(server, client, gen, transport, make_weights, server_work_dir):
+    """One byte flipped in the tensor data on the way: still a well-formed file of the right tensors, so
+    only the digest (of the original, in the header) tells."""
+    dtypes = served_dtypes(gen)
+    version = server.weights_version() + 1
+    transport.push(transport.snapshot(load_file(make_weights(seed=44)), dtypes), version)
+    before = probe(client)
+
+    new = transport.snapshot(load_file(make_weights(seed=45)), dtypes)
+    data = bytearray(body_bytes(new.body))
+    data[len(new.body.head) + 1000] ^= 0x01
+    with server.client() as c:
+        response = c.put(
+            "/weights",
+            params={"version": version + 1},
+            content=bytes(data),
+            headers={"X-Weights-SHA256": new.sha256.result()},
+        )
+    assert response.status_code == 400 and "SHA-256 mismatch" in response.json()["detail"]
+    assert server.weights_version() == version
+    assert same_outputs(probe(client), before)
+    settle(server_work_dir, version)
+
+
+# --- the server's staging in memory (WeightStore, no engine) ---------------------------------------------
+def _chunks(data: bytes, size: int = 1 << 16, fail_after: int | None = None):
+    async def gen():
+        for start in range(0, len(data), size):
+            if fail_after is not None and start >= fail_after:
+                raise ClientDisconnect()
+            yield data[start : start + size]
+
+    return gen()
+
+
+@pytest.fixture
+def store(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    s = WeightStore(model, None, max_upload_bytes=1 << 30)
+    yield s
+    s.close()
+
+
+def _receive(store: WeightStore, data: bytes, **kwargs) -> tuple[Path, int]:
+    sha = hashlib.sha256(data).hexdigest()
+    return asyncio.run(store.receive(_chunks(data, **kwargs), len(data), sha))
+
+
+def test_pushes_are_staged_in_memory_and_freed(store, tmp_path):
+    if store.memory_root is None:
+        pytest.skip("no writable /dev/shm")
+    root = store.memory_root
+    assert root.parent == Path("/dev/shm") and root.name.startswith(MEMORY_ROOT_PREFIX)
+    data = os.urandom(20 << 20)  # more than two write batches
+    staged, size = _receive(store, data)
+    assert staged.parent == root and size == len(data)
+    assert (staged / "model.safetensors").read_bytes() == data
+    first = store.prepare(staged, 1)
+    store.promote(first)
+
+    with pytest.raises(ClientDisconnect):  # broken off: its staging folder goes at once
+        _receive(store, data, fail_after=9 << 20)
+    with pytest.raises(ApiError, match="SHA-256 mismatch"):
+        asyncio.run(store.receive(_chunks(data), len(data), hashlib.sha256(b"x").hexdigest()))
+    assert [p.name for p in root.iterdir()] == ["served-v1"]
+
+    second = store.prepare(_receive(store, data[:1000])[0], 2)
+    store.promote(second)  # the copy served before is freed
+    assert [p.name for p in root.iterdir()] == ["served-v2"] and store.served_dir == second
+    store.close()
+    assert not root.exists()
+
+
+def test_pushes_go_to_disk_when_memory_has_no_room(store, monkeypatch):
+    monkeypatch.setattr(store, "memory_room", lambda: 1000)
+    staged, _ = _receive(store, b"x" * 900)  # 900 + a quarter does not fit in 1000
+    assert staged.parent == store.work_dir
+    assert store.new_staging_dir(None).parent == store.work_dir  # size unknown: disk
+    monkeypatch.setattr(store, "memory_room", lambda: 10_000)
+    if store.memory_root is not None:
+        assert _receive(store, b"x" * 900)[0].parent == store.memory_root
+
+
+def test_an_explicit_work_dir_keeps_everything_there(tmp_path):
+    store = WeightStore(tmp_path / "model", tmp_path / "work", max_upload_bytes=1 << 20)
+    assert store.memory_root is None
+    assert _receive(store, b"abc")[0].parent == tmp_path / "work"
+    assert _receive(store, b"")[0].parent == tmp_path / "work"
+    store.close()
+
+
+def test_memory_folders_of_dead_servers_are_swept(tmp_path):
+    shm = tmp_path / "shm"  # stands for /dev/shm
+    shm.mkdir()
+    (shm / f"{MEMORY_ROOT_PREFIX}dead").mkdir()  # its server is gone: nobody holds the lock
+    (shm / f"{MEMORY_ROOT_PREFIX}dead" / "served-v3").mkdir()
+    alive = shm / f"{MEMORY_ROOT_PREFIX}alive"
+    alive.mkdir()
+    lock = os.open(alive, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a live server holds it
+    (shm / "other").mkdir()
+    try:
+        store = WeightStore(tmp_path / "model", None, max_upload_bytes=1 << 20, memory_dir=shm)
+        names = sorted(p.name for p in shm.iterdir())
+        assert names == sorted([f"{MEMORY_ROOT_PREFIX}alive", "other", store.memory_root.name])
+        store.close()
+        assert sorted(p.name for p in shm.iterdir()) == sorted([f"{MEMORY_ROOT_PREFIX}alive", "other"])
+    finally:
+        os.close(lock)
