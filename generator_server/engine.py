@@ -66,6 +66,8 @@ class Swap:
     def __init__(self) -> None:
         self.started = self.seconds = 0.0
         self.callbacks: list = []
+        self.touched = True
+        """Whether the engine's weights may have changed; a swap that fails untouched needs no recovery."""
 
     def on_success(self, callback) -> None:
         self.callbacks.append(callback)
@@ -315,7 +317,8 @@ class GenerationEngine:
                         yield swap
                         await self._llm.reset_prefix_cache()  # cached KV came from the old weights
                     except BaseException as error:
-                        await self._recover(error)
+                        if swap.touched:
+                            await self._recover(error)
                         raise
                     swap.seconds = time.perf_counter() - swap.started
                     self.version, self.incomplete = version, None

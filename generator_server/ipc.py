@@ -122,6 +122,9 @@ class IpcReceiver:
         llm = self.engine._llm
         try:
             async with self.engine.swap(session.version, source="ipc") as swap:
+                # vLLM's layerwise reload puts back the weights of every layer that received nothing, so
+                # until the first bucket is loaded a failed session leaves the version served untouched
+                swap.touched = False
                 await llm.collective_rpc("receiver_begin")
                 try:
                     while True:
@@ -134,9 +137,11 @@ class IpcReceiver:
                             ) from None  # fmt: skip
                         if isinstance(item, _End):
                             break
+                        swap.touched = True
                         await self._load(session, item)
                 finally:
-                    await _finish(llm)
+                    if not await _finish(llm):
+                        swap.touched = True
                 if not item.commit:
                     raise ApiError(409, f"IPC transfer of version {session.version} aborted by the sender")
                 missing = sorted(set(session.manifest) - session.received)
@@ -173,13 +178,15 @@ class IpcReceiver:
         item.done.set_result(None)
 
 
-async def _finish(llm) -> None:
+async def _finish(llm) -> bool:
     """End the worker's reload; after a failed load this may fail too, and the first error is the one
     worth reporting."""
     try:
         await llm.collective_rpc("receiver_finish")
     except Exception:
         log.exception("ending the IPC reload failed")
+        return False
+    return True
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -132,3 +132,16 @@ def test_a_handle_from_another_gpu_or_a_bad_handle_is_refused(trainer, weights):
     assert e.value.status_code in (400, 500)
     assert trainer.health().weights_version == v + 1
     assert same_outputs(before, generate(trainer))
+
+
+def test_a_transfer_aborted_before_its_first_bucket_leaves_the_served_version_as_it_was(trainer, weights):
+    d = dtypes(trainer)
+    ipc = IpcTransport(trainer)
+    v = trainer.health().weights_version
+    ipc.push(ipc.snapshot(weights(10), d), v + 1)  # in GPU memory only: no disk copy to go back to
+    before = generate(trainer)
+    snapshot = ipc.snapshot(weights(11), d)
+    manifest = [{k: t[k] for k in ("name", "shape", "dtype")} for b in snapshot for t in b.tensors]
+    host, gpu = local_gpu("cuda")
+    trainer.ipc_abort(trainer.ipc_begin(v + 2, host, gpu, manifest))
+    assert same_outputs(before, generate(trainer))  # no 503: nothing had changed
