@@ -1,6 +1,7 @@
 """``trainer-client`` (also ``python -m trainer_client``): the trainer's command line.
 
     trainer-client train --config FILE.yaml [--set key=value ...] [--resume CHECKPOINT_DIR]
+    torchrun --nproc-per-node N -m trainer_client train --config FILE.yaml   # N ranks, FSDP2 (learner.py)
 
 Each subcommand lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``, listed in
 ``SUBCOMMANDS`` and imported only when present; the first line of ``run``'s docstring is its help.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 SUBCOMMANDS: dict[str, str] = {
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     from trainer_client.client import GeneratorClient, GeneratorError
 
-    if config.mode == "server":  # fail fast, before torch is imported, if the server is not usable
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks to the server
+    if config.mode == "server" and main:  # fail fast, before torch is imported, if the server is not usable
         try:
             with GeneratorClient(
                 config.server_url, config.api_key, config.request_timeout, max_retries=1
@@ -65,9 +68,14 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"generation server: {e}", EXIT_SERVER)
 
     from trainer_client.colocate import ColocateError
+    from trainer_client.distributed import DistributedError
     from trainer_client.train import IncompatibleServerError, NotFiniteError, run_training
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING,  # the other ranks: only what goes wrong
+        format=f"%(asctime)s %(levelname)s %(name)s: {rank}%(message)s",
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     try:
         summary = run_training(config, resume=args.resume)
@@ -81,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"colocated engine: {e}", EXIT_RUNTIME)
     except NotFiniteError as e:
         return fail(f"not finite: {e}", EXIT_RUNTIME)
+    except DistributedError as e:
+        return fail(f"distributed: {e}", EXIT_RUNTIME)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
-    print(f"done: {summary['steps']} steps, final checkpoint {summary['final_checkpoint']}")
+    if main:
+        print(f"done: {summary['steps']} steps, final checkpoint {summary['final_checkpoint']}")
     return 0
 
 

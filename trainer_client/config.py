@@ -6,11 +6,12 @@ This module imports no torch, so the command line can parse and check a config i
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -36,8 +37,10 @@ class TrainConfig(BaseModel):
     """`server`: generate with the HTTP generation server at `server_url`. `colocate`: a vLLM engine inside
     the trainer process on the trainer's `device`, weights handed over in memory (trainer_client/colocate.py;
     the `colocate_*` keys below)."""
-    server_url: str = Field("http://127.0.0.1:8000", pattern=r"^https?://")
-    """Base URL of the generation server."""
+    server_url: str | list[str] = "http://127.0.0.1:8000"
+    """Base URL of the generation server, or a list of the URLs of several replicas serving the same model:
+    each step's prompts are split across them and every version is pushed to all (trainer_client/replicas.py).
+    A one-URL list is that URL."""
     api_key: str | None = Field(
         default_factory=lambda: os.environ.get("GENERATOR_API_KEY") or None, exclude=True, repr=False
     )
@@ -133,6 +136,15 @@ class TrainConfig(BaseModel):
     the backward pass), so the fp32 logits of all tokens (tokens x vocabulary) never exist at once; 0 = all
     tokens at once. For models whose logits are the lm_head's output (not Gemma 2/3's softcapping)."""
 
+    # --- several ranks: torchrun + FSDP2 (trainer_client/distributed.py) ---------------------------------
+    dist_timeout_seconds: float = Field(600.0, gt=0)
+    """Under torchrun: the longest any rank waits in one collective operation before it gives up with an
+    error naming itself (a rank that dies is noticed at once; this bounds a hung one). The other ranks wait
+    for rank 0's next command while rank 0 generates and pushes, so keep it above the longest step."""
+    gather_bucket_mib: int = Field(256, ge=1)
+    """Under torchrun: full tensors are gathered on rank 0 for a push or a checkpoint this many MiB at a time
+    (a larger tensor alone); rank 0 holds one such bucket beside the pushed copy, never the whole model."""
+
     # --- asynchrony --------------------------------------------------------------------------------------
     max_staleness: int = Field(1, ge=0)
     """0 = synchronous on-policy; N >= 1 = a batch may come from a policy up to N versions older than the
@@ -149,6 +161,22 @@ class TrainConfig(BaseModel):
     """Show a tqdm progress bar with live reward, loss and step time."""
     seed: int = 0
     """Seed of prompt order, generation seeds and torch."""
+
+    @field_validator("server_url")
+    @classmethod
+    def _check_server_urls(cls, value: str | list[str]) -> str | list[str]:
+        urls = [value] if isinstance(value, str) else value
+        bad = [url for url in urls if not re.match(r"^https?://", url)]
+        if not urls or bad:
+            raise ValueError(f"expected http:// or https:// URLs, got {bad or 'an empty list'}")
+        if len(set(urls)) < len(urls):
+            raise ValueError(f"lists a server twice: {urls}")
+        return urls[0] if len(urls) == 1 else urls
+
+    @property
+    def server_urls(self) -> list[str]:
+        """`server_url` as a list (one URL or several replicas)."""
+        return [self.server_url] if isinstance(self.server_url, str) else list(self.server_url)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -1,16 +1,23 @@
-"""The learner: the policy, the frozen reference, AdamW and the DPO step, on one device.
+"""The learner: the policy, the frozen reference, AdamW and the DPO step, on one device or sharded over ranks.
 
 The training loop (train.py) gives it the samples of a step and their preference pairs and gets the step's
-statistics back; it reads the weights to push with ``state_dict()`` and saves checkpoints through it. All
-that concerns devices, precision and memory lives here, so that a learner sharded over several GPUs
-(torchrun, FSDP2's ``fully_shard`` per decoder layer with a ``MixedPrecisionPolicy``) changes this file and
-not the loop: it gains ``is_main`` (the rank that pushes, logs and writes) and gathers full tensors in
-``state_dict()`` and ``save_checkpoint``; the loop sees no ranks and no collectives.
+statistics back; it reads the weights to push with ``full_weights()`` and saves checkpoints through it. All
+that concerns devices, precision, memory and ranks lives here and in distributed.py, so the loop sees no
+collectives: it asks ``is_main`` once, and a rank other than 0 calls ``follow()`` instead of the loop.
+
+Several ranks (``torchrun --nproc-per-node N -m trainer_client train ...``): each rank holds 1/N of the
+policy, of its gradients and AdamW state, and of the reference (FSDP2's ``fully_shard`` per decoder layer,
+then the rest), and trains on its share of each step's pairs. Rank 0's calls below tell the other ranks
+what to do before all of them do it (distributed.py lists the commands): ``train_step`` hands them the
+pairs' token ids, ``full_weights`` gathers full tensors bucket by bucket as a push or a checkpoint reads
+them. The reference is sharded as well (no gradients): it costs one more all-gather per forward, and saves
+(N-1)/N of a model's memory on every rank.
 
 Precision (``config.precision``):
     fp32  weights, activations, gradients and AdamW state in float32; TF32 stays off (torch's default), so
           fp32 is the exact reference the other settings are measured against.
-    bf16  forward and backward under ``torch.autocast(bfloat16)``: matmuls in bf16, while the weights
+    bf16  forward and backward under ``torch.autocast(bfloat16)`` (on several ranks FSDP2 also gathers the
+          weights in bf16: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``), while the weights
           (master weights), gradients and AdamW state stay fp32; the reference is held in bf16.
 Either way the log-probabilities are taken in fp32 from the logits (``dpo.token_logps``).
 """
@@ -19,22 +26,29 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+from torch.distributed import ReduceOp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from trainer_client import checkpoint
+from trainer_client import checkpoint, distributed
 from trainer_client.config import TrainConfig
+from trainer_client.distributed import DistributedError, Ranks
 from trainer_client.dpo import collate, dpo_loss, token_logps
 
 if TYPE_CHECKING:
     from trainer_client.backends import GenerationBatch
 
 log = logging.getLogger("trainer_client")
+Rows = list[tuple[list[int], list[int], list[int]]]
+"""The token ids of preference pairs: (prompt, chosen completion, rejected completion) per pair."""
 
 
 class NotFiniteError(RuntimeError):
@@ -47,9 +61,12 @@ def check_finite(state_dict: dict[str, torch.Tensor], advice: str) -> None:
     floats = [n for n, t in state_dict.items() if t.is_floating_point()]
     finite = [torch.isfinite(state_dict[n]).all() for n in floats]
     if finite and not bool(torch.stack(finite).all()):
-        bad = [n for n, ok in zip(floats, finite, strict=True) if not ok]
-        names = ", ".join(bad[:3])
-        raise NotFiniteError(f"the policy's weights hold NaN or Inf ({names}), not pushed; {advice}")
+        raise not_finite([n for n, ok in zip(floats, finite, strict=True) if not ok], advice)
+
+
+def not_finite(names: list[str], advice: str) -> NotFiniteError:
+    names = ", ".join(names[:3])
+    return NotFiniteError(f"the policy's weights hold NaN or Inf ({names}), not pushed; {advice}")
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -77,6 +94,11 @@ def load_model(folder: str, dtype: torch.dtype, device: str):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
 
 
+def decoder_layers(model) -> list[nn.Module]:
+    """transformers' decoder layers (the unit of gradient checkpointing and of FSDP2 sharding)."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def enable_gradient_checkpointing(model) -> None:
     """transformers' own activation checkpointing of every decoder layer (recomputed in the backward pass).
 
@@ -85,11 +107,30 @@ def enable_gradient_checkpointing(model) -> None:
     submodules, are switched to training mode, so dropout modules stay off. (A layer that applies dropout in
     its own forward, as OPT's does, would apply it: give such a model a dropout of 0 in its config.)"""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no checkpointable layers")
     for layer in layers:
         layer.training = True
+
+
+def pair_rows(samples: GenerationBatch, pairs: list[tuple[int, int, int]]) -> Rows:
+    """The token ids of ``pairs`` [(prompt b, chosen k, rejected k)] of ``samples``."""
+    prompts, completions = samples.prompt_token_ids, samples.completions
+    return [(prompts[b], completions[b][kc].token_ids, completions[b][kr].token_ids) for b, kc, kr in pairs]
+
+
+class LogProbs(nn.Module):
+    """``dpo.token_logps`` of a causal LM as one module. Sharded, it is FSDP2's root: the log-probabilities
+    (chunked or not) run inside the root's forward, with its parameters (embeddings, final norm, lm_head)
+    gathered, and their gradients reduced after its backward."""
+
+    def __init__(self, model, chunk_tokens: int):
+        super().__init__()
+        self.model, self.chunk_tokens = model, chunk_tokens
+
+    def forward(self, input_ids, attention_mask, mask):  # (B, T) each -> (B, T)
+        return token_logps(self.model, input_ids, attention_mask, mask, self.chunk_tokens)
 
 
 @dataclass
@@ -110,20 +151,45 @@ class Learner:
 
     def __init__(self, config: TrainConfig, resume: str | None = None):
         c = self.config = config
-        self.precision = resolve_precision(c.precision, c.device)
+        self.ranks: Ranks | None = None
+        self.inside: str | None = None  # the command rank 0 is running with the other ranks
+        if distributed.world_size() > 1:
+            if c.mode == "colocate":
+                raise ValueError("mode: colocate runs in one process; launch it without torchrun")
+            self.ranks = Ranks.start(c.device, c.dist_timeout_seconds)
+        try:
+            self._build(resume)
+        except BaseException:
+            if self.ranks is not None:  # every rank fails the same way here: nobody to tell
+                self.ranks.close()
+            raise
+
+    def _build(self, resume: str | None) -> None:
+        c, ranks = self.config, self.ranks
+        self.rank, self.world_size = (ranks.rank, ranks.world_size) if ranks else (0, 1)
+        self.device = ranks.device if ranks else c.device
+        self.precision = resolve_precision(c.precision, self.device)
+        state = checkpoint.read_trainer_state(resume, self.world_size) if resume else None  # (fail fast)
         self.tokenizer = AutoTokenizer.from_pretrained(c.model)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
         # --- models: policy in fp32 (master weights), reference frozen in the compute dtype ----------------
         ref_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.policy = load_model(resume or c.model, torch.float32, c.device)
-        self.reference = load_model(c.ref_model or c.model, ref_dtype, c.device)
+        where = "cpu" if ranks else self.device  # sharded: fully_shard moves each rank's shard to its device
+        self.policy = load_model(resume or c.model, torch.float32, where)
+        self.reference = load_model(c.ref_model or c.model, ref_dtype, where)
         self.policy.eval()  # no dropout: the log-probabilities must be those the server samples with
         self.reference.eval().requires_grad_(False)
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
         check_finite(self.policy.state_dict(), f"check the model folder {resume or c.model}")
+        self.policy_logps = LogProbs(self.policy, c.logprob_chunk_tokens)
+        self.reference_logps = LogProbs(self.reference, c.logprob_chunk_tokens)
+        if ranks:
+            compute = torch.bfloat16 if self.precision == "bf16" else None
+            for model, root in ((self.policy, self.policy_logps), (self.reference, self.reference_logps)):
+                distributed.shard(root, decoder_layers(model), ranks.mesh, param_dtype=compute)
 
         # --- optimizer and schedule (restored with the step when resumed) ---------------------------------
         self.optimizer = torch.optim.AdamW(
@@ -131,9 +197,20 @@ class Learner:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
         self.step = 0
-        if resume:
-            self.step = checkpoint.load_trainer_state(resume, self.optimizer, self.scheduler)["step"]
+        if state is not None:
+            if ranks:
+                with ranks.watch("loading the optimizer state"):
+                    folder = Path(resume, checkpoint.OPTIMIZER_DIR)
+                    distributed.load_optimizer(self.policy, self.optimizer, str(folder))
+            checkpoint.restore_trainer_state(state, None if ranks else self.optimizer, self.scheduler)
+            self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that runs the loop: generates, scores, pushes, logs and writes (the only process, or
+        rank 0)."""
+        return self.rank == 0
 
     # ------------------------------------------------------------------------------------------------------
     # The DPO step
@@ -145,40 +222,61 @@ class Learner:
 
         Raises :class:`NotFiniteError` (the step not applied) if the loss or the gradient norm is not
         finite."""
-        c, P = self.config, len(pairs)
+        rows = pair_rows(samples, pairs)
+        with self._together("step", rows):
+            return self._train_step(rows)
+
+    def _train_step(self, rows: Rows) -> StepStats:
+        """The step on every rank: rank r takes rows[r::world]. Each rank's loss is divided by the pair
+        count of all ranks, P, and FSDP sums the ranks' gradients, so the gradient is the one-rank gradient
+        of the mean loss over the P pairs. All ranks run the same number of micro-batches (FSDP's
+        collectives must pair up); a rank out of pairs runs a pair with weight 0 instead."""
+        c, P = self.config, len(rows)
+        mine = rows[self.rank :: self.world_size]  # this rank's share: P // world pairs, or one more
+        share = -(-P // self.world_size)  # ceil(P / world): the largest share
+        mb = c.micro_batch_size or max(share, 1)
+        micro_batches = -(-share // mb)  # the same on every rank
         sums = dict(loss=0.0, margin=0.0, accuracy=0.0, kl_sum=0.0, kl_tokens=0)
         self.optimizer.zero_grad(set_to_none=True)
-        mb = c.micro_batch_size or max(P, 1)
-        for i in range(0, P, mb):  # gradients accumulate over the micro-batches
-            chunk = pairs[i : i + mb]
-            m = len(chunk)
-            policy_tok, ref_tok, completion_mask = self._pair_token_logps(samples, chunk)  # (2m, T) each
-            policy_logps, ref_logps = policy_tok.sum(-1), ref_tok.sum(-1)  # (2m,)
-            chosen_logps, rejected_logps = policy_logps[:m], policy_logps[m:]  # (m,)
-            ref_chosen_logps, ref_rejected_logps = ref_logps[:m], ref_logps[m:]  # (m,)
-            losses = dpo_loss(
-                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c.beta, c.loss
-            )
-            (losses.sum() / P).backward()  # the mean over all P pairs
-            with torch.no_grad():
-                h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (m,)
-                sums["loss"] += losses.sum().item() / P
-                sums["margin"] += h.sum().item() / P
-                sums["accuracy"] += (h > 0).sum().item() / P
-                sums["kl_sum"] += (policy_tok - ref_tok).sum().item()  # of log pi - log pi_ref
-                sums["kl_tokens"] += int(completion_mask.sum().item())
-
-        grad_norm = None
-        if P:  # (an infinite max_norm only measures)
-            max_norm = c.max_grad_norm if c.max_grad_norm is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm).item()
-            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-                raise NotFiniteError(
-                    f"step {self.step + 1}: loss {sums['loss']}, gradient norm {grad_norm}; the step was not "
-                    f"applied and nothing after version {self.step} is pushed. Lower learning_rate (or set "
-                    "max_grad_norm) and resume from the last checkpoint"
+        with self._collectives("the DPO step"):
+            for i in range(micro_batches):  # gradients accumulate over the micro-batches
+                chunk = mine[i * mb : (i + 1) * mb]
+                idle = not chunk  # no pairs left here: a pair of weight 0 keeps this rank in the collectives
+                chunk = chunk or rows[:1]
+                m = len(chunk)
+                policy_tok, ref_tok, completion_mask = self._pair_token_logps(chunk)  # (2m, T) each
+                policy_logps, ref_logps = policy_tok.sum(-1), ref_tok.sum(-1)  # (2m,)
+                chosen_logps, rejected_logps = policy_logps[:m], policy_logps[m:]  # (m,)
+                ref_chosen_logps, ref_rejected_logps = ref_logps[:m], ref_logps[m:]  # (m,)
+                losses = dpo_loss(
+                    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c.beta, c.loss
                 )
-        self.optimizer.step()
+                loss = losses.sum() / P  # the mean over all P pairs
+                (loss * 0 if idle else loss).backward()
+                if idle:
+                    continue
+                with torch.no_grad():
+                    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (m,)
+                    sums["loss"] += losses.sum().item() / P
+                    sums["margin"] += h.sum().item() / P
+                    sums["accuracy"] += (h > 0).sum().item() / P
+                    sums["kl_sum"] += (policy_tok - ref_tok).sum().item()  # of log pi - log pi_ref
+                    sums["kl_tokens"] += int(completion_mask.sum().item())
+            if self.ranks:  # the sums over all ranks' pairs: every rank reports the one-rank statistics
+                sums = dict(zip(sums, self.ranks.all_reduce(list(sums.values())), strict=True))
+
+            grad_norm = None
+            if P:  # (an infinite max_norm only measures)
+                max_norm = c.max_grad_norm if c.max_grad_norm is not None else math.inf
+                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+                grad_norm = distributed.full_tensor(norm).item()  # (sharded: a replicated DTensor)
+                if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+                    raise NotFiniteError(
+                        f"step {self.step + 1}: loss {sums['loss']}, gradient norm {grad_norm}; the step was "
+                        f"not applied and nothing after version {self.step} is pushed. Lower learning_rate "
+                        "(or set max_grad_norm) and resume from the last checkpoint"
+                    )
+            self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
@@ -191,35 +289,145 @@ class Learner:
             lr=lr,
         )
 
-    def _pair_token_logps(self, samples: GenerationBatch, pairs: list[tuple[int, int, int]]):
+    def _pair_token_logps(self, rows: Rows):
         """Completion-token log-probabilities of the policy (with gradient) and the reference, chosen rows
         then rejected rows: ``policy_tok``, ``ref_tok``, ``completion_mask``, each (2m, T)."""
-        c = self.config
-        prompt_ids = [samples.prompt_token_ids[b] for b, _, _ in pairs] * 2
-        completion_ids = [samples.completions[b][kc].token_ids for b, kc, _ in pairs] + [
-            samples.completions[b][kr].token_ids for b, _, kr in pairs
-        ]  # (2m,)
+        prompt_ids = [p for p, _, _ in rows] * 2
+        completion_ids = [chosen for _, chosen, _ in rows] + [rejected for _, _, rejected in rows]  # (2m,)
         input_ids, attention_mask, completion_mask = (
-            t.to(c.device) for t in collate(prompt_ids, completion_ids, self.pad_id)
+            t.to(self.device) for t in collate(prompt_ids, completion_ids, self.pad_id)
         )  # (2m, T)
         bf16 = self.precision == "bf16"
-        with torch.autocast(torch.device(c.device).type, dtype=torch.bfloat16, enabled=bf16):
-            args = (input_ids, attention_mask, completion_mask, c.logprob_chunk_tokens)
-            policy_tok = token_logps(self.policy, *args)
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16):
+            policy_tok = self.policy_logps(input_ids, attention_mask, completion_mask)
             with torch.no_grad():
-                ref_tok = token_logps(self.reference, *args)
+                ref_tok = self.reference_logps(input_ids, attention_mask, completion_mask)
         return policy_tok, ref_tok, completion_mask
 
     # ------------------------------------------------------------------------------------------------------
     # Weights out: pushes and checkpoints
     # ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's full tensors by name (live: the next step changes them; copy before pushing)."""
+        """The policy's tensors by name, live: full tensors in one process, this rank's shards (DTensors,
+        whose shapes are the full ones) on several ranks, where ``full_weights()`` gathers them."""
         return self.policy.state_dict()
+
+    def tensor_specs(self) -> dict[str, tuple[list[int], int]]:
+        """The policy's tensors: name -> (full shape, storage key); tied tensors share a storage key."""
+        state = self.policy.state_dict()
+        return {n: (list(t.shape), distributed.local_tensor(t).data_ptr()) for n, t in state.items()}
+
+    def check_finite(self, advice: str) -> None:
+        """Raise :class:`NotFiniteError` naming the policy's tensors that hold NaN or Inf."""
+        with self._together("finite"):
+            self._check_finite(advice)
+
+    def _check_finite(self, advice: str) -> None:
+        state = self.policy.state_dict()
+        if self.ranks is None:
+            return check_finite(state, advice)
+        floats = [n for n, t in state.items() if t.is_floating_point()]  # each rank checks its shards
+        bad = [torch.isfinite(distributed.local_tensor(state[n])).all().logical_not() for n in floats]
+        flags = self.ranks.all_reduce(torch.stack(bad).double().cpu().tolist(), op=ReduceOp.MAX)
+        if any(flags):
+            raise not_finite([n for n, flag in zip(floats, flags, strict=True) if flag], advice)
+
+    def full_weights(self, names: Iterable[str] | None = None) -> Mapping[str, torch.Tensor]:
+        """The policy's full tensors by name (``names``, default all; live: the next step changes them, copy
+        before pushing). On several ranks (rank 0 only): a mapping that gathers them as they are read,
+        ``gather_bucket_mib`` at a time along the order of ``names`` (read them in that order)."""
+        state = self.policy.state_dict()
+        if self.ranks is None:
+            return state if names is None else {name: state[name] for name in names}
+        buckets = distributed.buckets(state, names or state, self.config.gather_bucket_mib * 2**20)
+        return distributed.FullTensors(buckets, self._gather_main)
+
+    def _gather_main(self, names: list[str]) -> dict[str, torch.Tensor]:
+        with self._together("gather", names):
+            return self._gather(names)
+
+    def _gather(self, names: list[str]) -> dict[str, torch.Tensor]:
+        state = self.policy.state_dict()
+        with self.ranks.watch("gathering the policy's weights"):
+            return {name: distributed.full_tensor(state[name]) for name in names}
 
     def save_checkpoint(self, path: str | Path, extra: dict) -> Path:
         """A Hugging Face folder of the policy (fp32) and tokenizer, plus what resuming needs (optimizer,
         scheduler, RNG, ``step``, ``extra``)."""
-        return checkpoint.save_checkpoint(
-            path, self.policy, self.tokenizer, self.optimizer, self.scheduler, self.step, extra
-        )
+        if self.ranks is None:
+            return checkpoint.save_checkpoint(
+                path, self.policy, self.tokenizer, self.optimizer, self.scheduler, self.step, extra
+            )
+        specs, seen = {}, set()
+        for name, t in self.policy.state_dict().items():
+            storage = distributed.local_tensor(t).data_ptr()
+            if storage not in seen:  # a tied tensor is written once, under its first name
+                seen.add(storage)
+                specs[name] = (t.dtype, tuple(t.shape))
+        weights = self.full_weights(sorted(specs))  # (the order the file is written in)
+        return checkpoint.save_sharded_checkpoint(
+            path, self.policy, self.tokenizer, weights, specs, self._save_optimizer_main, self.scheduler,
+            self.step, extra, self.world_size,
+        )  # fmt: skip
+
+    def _save_optimizer_main(self, folder: Path) -> None:
+        with self._together("save", str(folder)):
+            self._save_optimizer(str(folder))
+
+    def _save_optimizer(self, folder: str) -> None:
+        with self.ranks.watch("writing the optimizer state"):
+            distributed.save_optimizer(self.policy, self.optimizer, folder)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Ranks other than 0
+    # ------------------------------------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Do what rank 0's learner asks (steps, checks, gathers, checkpoints) until it stops the run; raise
+        :class:`DistributedError` if it stopped on an error (the message says which)."""
+        handlers = {
+            "step": self._train_step,
+            "finite": lambda _: self._check_finite(""),
+            "gather": self._gather,
+            "save": self._save_optimizer,
+        }
+        while True:
+            command, arg = self.ranks.receive()
+            if command == "stop":
+                if arg is not None:
+                    raise DistributedError(f"rank {self.rank}: rank 0 stopped the run: {arg}")
+                return
+            try:
+                handlers[command](arg)
+            except NotFiniteError:
+                pass  # every rank found it; rank 0 raises it and then stops the run
+
+    def close(self, error: BaseException | None = None) -> None:
+        """The end of the run. Rank 0 tells the other ranks to stop (and why, if it stops on ``error``);
+        every rank leaves the process group."""
+        if self.ranks is None:
+            return
+        # (not after a lost rank, nor from inside a command the others are still in: they could not hear it)
+        if self.is_main and self.inside is None and not isinstance(error, DistributedError):
+            try:
+                self.ranks.send("stop", None if error is None else f"{type(error).__name__}: {error}")
+            except DistributedError:
+                pass
+        self.ranks.close()
+        self.ranks = None
+
+    @contextmanager
+    def _together(self, command: str, arg=None) -> Iterator[None]:
+        """Rank 0: tell the other ranks to join in ``command``, then do it with them (one process: just do
+        it). ``inside`` names it until it is done; a NotFiniteError is raised on every rank alike."""
+        if self.ranks is not None:
+            self.ranks.send(command, arg)
+        self.inside = command
+        try:
+            yield
+        except NotFiniteError:
+            self.inside = None
+            raise
+        self.inside = None
+
+    def _collectives(self, doing: str):
+        return self.ranks.watch(doing) if self.ranks is not None else nullcontext()

@@ -19,16 +19,15 @@ Threads:
     trainer (snapshot of version s)  -> pusher (push in order, by the backend's weight transport)
 The metrics line of step s is written once version s is served (it reports the push time too).
 
-The models, their precision and the DPO step itself are the learner's (learner.py); this file is the loop.
+The models, their precision, the ranks and the DPO step itself are the learner's (learner.py); the producer
+and pusher threads are in workers.py; this file is the loop. Under torchrun only rank 0 runs it: the other
+ranks follow rank 0's learner (``learner.follow()``), which hands them each step's pairs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import queue
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -43,9 +42,10 @@ from trainer_client.checkpoint import checkpoint_dir
 from trainer_client.client import Completion
 from trainer_client.config import TrainConfig
 from trainer_client.dpo import apply_missing_eos_penalty, build_pairs
-from trainer_client.learner import Learner, NotFiniteError, StepStats, check_finite
+from trainer_client.learner import Learner, NotFiniteError, StepStats
 from trainer_client.rewards import build_reward
 from trainer_client.tasks import load_task, task_hint
+from trainer_client.workers import Batch, Producer, Pusher
 
 __all__ = ["IncompatibleServerError", "NotFiniteError", "run_training"]
 log = logging.getLogger("trainer_client")
@@ -54,12 +54,6 @@ METRICS_FILE = "metrics.jsonl"
 
 class IncompatibleServerError(RuntimeError):
     """The server serves a model whose tensor names or shapes differ from the policy's."""
-
-
-def generation_seed(seed: int, step: int) -> int:
-    """The sampling seed of step ``step``: a pure function of ``(seed, step)``, so a resumed run resamples
-    exactly what the uninterrupted run sampled."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
 def sampling_params(c: TrainConfig, task) -> dict:
@@ -73,17 +67,18 @@ def sampling_params(c: TrainConfig, task) -> dict:
 
 
 def check_compatible(
-    server_tensors: dict[str, tuple[list[int], str]], ours: dict[str, torch.Tensor], where: str
+    server_tensors: dict[str, tuple[list[int], str]], ours: dict[str, tuple[list[int], int]], where: str
 ) -> list[str]:
-    """The names to push: the server's tensor names. Raise if they do not match the policy's tensors."""
+    """The names to push: the server's tensor names. Raise if they do not match the policy's tensors
+    (``ours``: name -> (shape, storage key), as ``Learner.tensor_specs`` gives them)."""
     missing = [n for n in server_tensors if n not in ours]
     shapes = [
-        f"{n}: server {list(s)} vs policy {list(ours[n].shape)}"
+        f"{n}: server {list(s)} vs policy {ours[n][0]}"
         for n, (s, _) in server_tensors.items()
-        if n in ours and list(s) != list(ours[n].shape)
+        if n in ours and list(s) != ours[n][0]
     ]
-    served = {ours[n].data_ptr() for n in server_tensors if n in ours}
-    extra = [n for n, t in ours.items() if n not in server_tensors and t.data_ptr() not in served]
+    served = {ours[n][1] for n in server_tensors if n in ours}  # a tied tensor need not be served twice
+    extra = [n for n, (_, storage) in ours.items() if n not in server_tensors and storage not in served]
     problems = []
     for label, names in (("missing in the policy", missing), ("not served", extra), ("shape", shapes)):
         if names:
@@ -94,169 +89,6 @@ def check_compatible(
             f"{where} does not serve the policy's architecture; " + "; ".join(problems)
         )
     return list(server_tensors)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Background threads: the producer of batches and the pusher of weights
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    step: int
-    policy_version: int  # the policy version that sampled it
-    samples: GenerationBatch
-    gen_start: float  # time.monotonic() interval of the generate request
-    gen_end: float
-
-
-class Pusher:
-    """Pushes weight snapshots in order from a background thread; wakes whoever waits for a version.
-
-    ``submit`` returns at once unless ``max_pending`` snapshots already wait (then training waits, so memory
-    stays bounded). Each push sets ``push_seconds`` in the metrics record submitted with it."""
-
-    def __init__(self, backend: GenerationBackend, offset: int, served: int, max_pending: int = 2):
-        self.backend, self.offset = backend, offset
-        self.served = served  # highest policy version known to be served
-        self.server_version = served + offset  # the server version we last put there
-        self.latest: tuple[int, dict] | None = None  # (policy version, snapshot) last pushed
-        self.error: BaseException | None = None
-        self.cond = threading.Condition()
-        self.push_lock = threading.Lock()  # one PUT at a time (normal pushes and re-pushes)
-        self.todo: queue.Queue = queue.Queue(maxsize=max_pending)
-        self.thread = threading.Thread(target=self._run, name="pusher", daemon=True)
-        self.thread.start()
-
-    def push_now(self, version: int, snapshot: dict, record: dict | None = None) -> None:
-        """Push ``snapshot`` as policy ``version`` from the calling thread (``record["push_seconds"]`` is set
-        before anyone learns that the version is served)."""
-        t0 = time.monotonic()
-        with self.push_lock:
-            self.backend.push(snapshot, version + self.offset)
-            self.latest = (version, snapshot)
-            self.server_version = version + self.offset
-        if record is not None:
-            record["push_seconds"] = round(time.monotonic() - t0, 4)
-        with self.cond:
-            self.served = max(self.served, version)
-            self.cond.notify_all()
-
-    def repush_latest(self) -> None:
-        """After a server restart: put the last pushed weights back (a restarted server serves version 0)."""
-        with self.push_lock:
-            if self.latest is not None:
-                version, snapshot = self.latest
-                self.backend.push(snapshot, version + self.offset)
-
-    def submit(self, version: int, snapshot: dict, record: dict) -> None:
-        self._put((version, snapshot, record))
-
-    def wait_served(self, version: int, stop: threading.Event | None = None) -> bool:
-        """Block until policy ``version`` is served; False if ``stop`` was set first."""
-        with self.cond:
-            while self.served < version:
-                self.raise_if_failed()
-                if stop is not None and stop.is_set():
-                    return False
-                self.cond.wait(0.5)
-        return True
-
-    def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        """Wait until every submitted snapshot is pushed."""
-        self._put(None)
-        self.thread.join()
-        self.raise_if_failed()
-
-    def abort(self) -> None:
-        """Let the thread end after its current push (whatever else is queued is dropped)."""
-        while True:
-            try:
-                self.todo.get_nowait()
-            except queue.Empty:
-                break
-        self.todo.put_nowait(None)
-
-    def _put(self, item) -> None:
-        while True:
-            self.raise_if_failed()
-            try:
-                return self.todo.put(item, timeout=0.5)
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
-        while (item := self.todo.get()) is not None:
-            try:
-                self.push_now(*item)
-            except BaseException as e:  # noqa: BLE001 - handed to the training thread
-                with self.cond:
-                    self.error = e
-                    self.cond.notify_all()
-                return
-
-
-class Producer:
-    """Generates the batches of steps ``first..last`` in order, each after the push it needs is served."""
-
-    def __init__(self, config: TrainConfig, task, backend, pusher: Pusher, first: int, last: int, sampling):
-        self.config, self.task, self.sampling = config, task, sampling
-        self.backend, self.pusher = backend, pusher
-        self.steps = range(first, last + 1)
-        self.batches: queue.Queue[Batch] = queue.Queue()
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="producer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for step in self.steps:
-                # bounded staleness: batch s may come from version s-1-max_staleness at the oldest
-                oldest = max(0, step - 1 - self.config.max_staleness)
-                if not self.pusher.wait_served(oldest, self.stop):
-                    return
-                self.batches.put(self._generate(step, oldest))
-        except BaseException as e:  # noqa: BLE001 - handed to the training thread
-            self.error = e
-
-    def _generate(self, step: int, oldest: int) -> Batch:
-        c = self.config
-        prompts = self.task.train_prompts(step, c.batch_size, c.seed)
-        while True:
-            t0 = time.monotonic()
-            samples = self.backend.generate(
-                prompts, n=c.samples_per_prompt, seed=generation_seed(c.seed, step), **self.sampling
-            )
-            t1 = time.monotonic()
-            pushed = self.pusher.server_version
-            if samples.weights_version < pushed and self.backend.version() < pushed:
-                # The server went back to an older version: it restarted. Put our weights back, resample.
-                log.warning(
-                    "server restarted (version %d < %d); pushing weights again",
-                    samples.weights_version,
-                    pushed,
-                )
-                self.pusher.repush_latest()
-                continue
-            version = samples.weights_version - self.pusher.offset
-            if version < oldest:
-                raise RuntimeError(
-                    f"server answered with version {samples.weights_version}, older than allowed"
-                )
-            return Batch(step, version, samples, t0, t1)
-
-    def get(self, pusher: Pusher) -> Batch:
-        while True:
-            if self.error is not None:
-                raise self.error
-            pusher.raise_if_failed()
-            try:
-                return self.batches.get(timeout=0.5)
-            except queue.Empty:
-                continue
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -355,23 +187,27 @@ def run_training(
     demo evaluates on its engine before and after, since a GPU process cannot build a second engine with
     sleep mode after closing one (vLLM 0.26)."""
     c = config
-    out = Path(c.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(c.seed)
     hf_logging.disable_progress_bar()  # ours is the only progress bar (no "Loading weights" bars)
-
-    # --- setup: data, reward, learner (models, optimizer; restored from `resume`) ---------------------------
-    task = load_task(c.task)
-    reward_fn = build_reward(c.reward, task, device=c.device)
-    sampling = sampling_params(c, task)
-    learner = Learner(c, resume)
-    start_step = learner.step
-    if start_step >= c.steps:
-        raise ValueError(
-            f"checkpoint {resume} is at step {start_step}; nothing left to do for steps={c.steps}"
-        )
+    learner = Learner(c, resume)  # models and optimizer (restored from `resume`); under torchrun, sharded
 
     with ExitStack() as cleanup:  # on any exit: threads stopped, files and connections closed
+        cleanup.push(lambda _type, error, _tb: learner.close(error))  # (tells the other ranks to stop)
+        if not learner.is_main:
+            learner.follow()  # a rank other than 0 does what rank 0's learner asks, until it stops
+            return {"rank": learner.rank, "steps": c.steps, "start_step": None}
+
+        # --- setup: data, reward, output ------------------------------------------------------------------
+        start_step = learner.step
+        if start_step >= c.steps:
+            raise ValueError(
+                f"checkpoint {resume} is at step {start_step}; nothing left to do for steps={c.steps}"
+            )
+        task = load_task(c.task)
+        reward_fn = build_reward(c.reward, task, device=learner.device)
+        sampling = sampling_params(c, task)
+        out = Path(c.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsFile(out / METRICS_FILE, resumed_at=start_step if resume else None)
         cleanup.callback(metrics.close)
         if backend is None:
@@ -382,14 +218,13 @@ def run_training(
         if hasattr(backend, "wait_until_ready"):
             backend.wait_until_ready(c.connect_timeout)
         server_version, server_tensors = backend.weights_spec()
-        push_names = check_compatible(server_tensors, learner.state_dict(), f"the server at {c.server_url}")
+        push_names = check_compatible(server_tensors, learner.tensor_specs(), f"the server at {c.server_url}")
         offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
         served_dtypes = {n: server_tensors[n][1] for n in push_names}
 
         def snapshot():  # a copy the optimizer will not modify while it is pushed, in the served dtypes
-            state = learner.state_dict()
-            check_finite(state, "lower learning_rate and resume from the last checkpoint")
-            return backend.snapshot(state, served_dtypes)
+            learner.check_finite("lower learning_rate and resume from the last checkpoint")
+            return backend.snapshot(learner.full_weights(served_dtypes), served_dtypes)
 
         pusher = Pusher(backend, offset, served=start_step, max_pending=backend.max_pending)
         cleanup.callback(pusher.abort)
@@ -476,6 +311,7 @@ def run_training(
         pusher.close()
         metrics.flush(pusher.served)
     return {
+        "rank": 0,
         "steps": c.steps,
         "start_step": start_step,
         "output_dir": str(out),
