@@ -43,17 +43,17 @@ def host_snapshot(tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]
 
     From a GPU the copies go to pinned memory, cast on the device first, so the copy runs at the bus's
     speed; a CPU tensor is cast (or copied) in place of memory."""
-    out = {}
-    for name, served in dtypes.items():
+    out, from_gpu = {}, False
+    for name, served in dtypes.items():  # each tensor read once (a sharded learner gathers on reading)
         t = tensors[name].detach()
         dtype = served_dtype(t, served)
         if t.is_cuda:
             cast = t.to(dtype)
             host = torch.empty(cast.shape, dtype=dtype, pin_memory=True)
             host.copy_(cast, non_blocking=True)
-            out[name] = host
+            out[name], from_gpu = host, True
         else:
             out[name] = t.to("cpu", dtype=dtype, copy=True)
-    if any(t.is_cuda for t in tensors.values()):
+    if from_gpu:
         torch.cuda.synchronize()  # the non-blocking copies have landed before anyone reads them
     return out
