@@ -94,24 +94,17 @@ def ipc_handle(buffer: torch.Tensor) -> dict:
 def pack_buckets(
     tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str], bucket_bytes: int
 ) -> list[Bucket]:
-    """Copy ``tensors`` (cast to the served dtypes) into flat GPU buffers of at most ``bucket_bytes``."""
-    plan: list[list[tuple[str, int]]] = [[]]  # per bucket: (name, offset)
-    sizes = [0]
-    for name in dtypes:
-        t = tensors[name]
-        nbytes = t.numel() * served_dtype(t, dtypes[name]).itemsize
-        if sizes[-1] and sizes[-1] + nbytes > bucket_bytes:
-            plan.append([])
-            sizes.append(0)
-        plan[-1].append((name, sizes[-1]))
-        sizes[-1] += -(-nbytes // ALIGN) * ALIGN
-    buckets = []
-    device = next(iter(tensors.values())).device
-    for entries, size in zip(plan, sizes, strict=True):
-        bucket = Bucket(torch.empty(size, dtype=torch.uint8, device=device))
-        for name, offset in entries:
-            t = tensors[name].detach()
-            dtype = served_dtype(t, dtypes[name])
+    """Copy ``tensors`` (cast to the served dtypes) into flat GPU buffers of at most ``bucket_bytes``.
+
+    Each tensor is read once, in the order of ``dtypes`` (a sharded learner gathers on reading): a bucket's
+    tensors are held until it is full, then copied into a buffer of exactly their size."""
+    buckets: list[Bucket] = []
+    pending: list[tuple[str, torch.Tensor, torch.dtype, int]] = []  # name, tensor, served dtype, offset
+    size = 0
+
+    def close() -> None:
+        bucket = Bucket(torch.empty(size, dtype=torch.uint8, device=pending[0][1].device))
+        for name, t, dtype, offset in pending:
             view = bucket.buffer[offset : offset + t.numel() * dtype.itemsize].view(dtype).view(t.shape)
             view.copy_(t)  # cast and copy in one kernel
             bucket.tensors.append(
@@ -119,6 +112,19 @@ def pack_buckets(
                  "offset": offset}
             )  # fmt: skip
         buckets.append(bucket)
+        pending.clear()
+
+    for name, served in dtypes.items():
+        t = tensors[name].detach()
+        dtype = served_dtype(t, served)
+        nbytes = t.numel() * dtype.itemsize
+        if pending and size + nbytes > bucket_bytes:
+            close()
+            size = 0
+        pending.append((name, t, dtype, size))
+        size += -(-nbytes // ALIGN) * ALIGN
+    if pending:
+        close()
     return buckets
 
 
