@@ -67,6 +67,14 @@ async def put_weights(
     version: Annotated[int, Query(ge=0, description="New weights version; must exceed the current one.")],
     engine: Engine,
     x_weights_sha256: Annotated[str | None, Header(description="SHA-256 of the body, hex.")] = None,
+    x_weights_chunked_sha256: Annotated[
+        str | None,
+        Header(
+            description="'<chunk_bytes>:<hex>': SHA-256 of the concatenated SHA-256 digests of the body's "
+            "consecutive chunk_bytes chunks (the last may be shorter); chunk_bytes a power of two from "
+            "1 MiB to 1 GiB. Hashed in parallel; may go with X-Weights-SHA256 (both are checked)."
+        ),
+    ] = None,
 ):
     """Body: one safetensors file with the served model's tensor names and shapes."""
     engine.check_version(version)  # before receiving gigabytes
@@ -75,7 +83,7 @@ async def put_weights(
         raise ApiError(400, "invalid Content-Length")
     try:
         staged, size = await engine.store.receive(
-            request.stream(), int(length) if length else None, x_weights_sha256
+            request.stream(), int(length) if length else None, x_weights_sha256, x_weights_chunked_sha256
         )
     except ClientDisconnect as e:
         raise ApiError(400, "the client disconnected before the whole body arrived") from e

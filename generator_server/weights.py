@@ -24,6 +24,7 @@ import struct
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,10 @@ MEMORY_HEADROOM_BYTES = 2**30
 """Memory a push must leave free (besides a quarter of its own size) to be staged in memory: the engine's
 reload needs some, and running out of memory kills processes where running out of disk only fails a push."""
 IOV_MAX = 1024
+MIN_DIGEST_CHUNK_BYTES, MAX_DIGEST_CHUNK_BYTES = 1 << 20, 1 << 30
+"""The chunk sizes ``X-Weights-Chunked-SHA256`` may name: powers of two between these."""
+HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads hashing the chunks of ``X-Weights-Chunked-SHA256`` bodies (shared by all pushes)."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,94 @@ def check_compatible(
         raise ApiError(400, "weights do not match the served model: " + "; ".join(problems))
 
 
+# --- the digests of a PUT /weights body ----------------------------------------------------------------
+def parse_sha256(value: str) -> str:
+    """``X-Weights-SHA256``: 64 hexadecimal digits (400 otherwise), lower-cased."""
+    value = value.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ApiError(400, "X-Weights-SHA256 must be 64 hexadecimal digits")
+    return value
+
+
+def parse_chunked_sha256(value: str) -> tuple[int, str]:
+    """``X-Weights-Chunked-SHA256: <chunk_bytes>:<hex>`` -> (chunk_bytes, hex lower-cased); 400 unless
+    ``chunk_bytes`` is a power of two from 1 MiB to 1 GiB (decimal) and ``hex`` is 64 hexadecimal digits."""
+    size, colon, hexdigest = value.strip().partition(":")
+    size, hexdigest = size.strip(), hexdigest.strip().lower()
+    form = "'<chunk_bytes>:<64 hexadecimal digits>'"
+    if not colon or not (size.isascii() and size.isdigit()) or len(size) > 12:
+        raise ApiError(400, f"X-Weights-Chunked-SHA256 must be {form}, not {value[:100]!r}")
+    chunk_bytes = int(size)
+    if not (MIN_DIGEST_CHUNK_BYTES <= chunk_bytes <= MAX_DIGEST_CHUNK_BYTES and chunk_bytes.bit_count() == 1):
+        raise ApiError(
+            400, "X-Weights-Chunked-SHA256: the chunk size must be a power of two from "
+            f"{MIN_DIGEST_CHUNK_BYTES} (1 MiB) to {MAX_DIGEST_CHUNK_BYTES} (1 GiB) bytes, not {chunk_bytes}",
+        )  # fmt: skip
+    try:
+        parse_sha256(hexdigest)
+    except ApiError:
+        raise ApiError(400, f"X-Weights-Chunked-SHA256 must be {form}: the digest is not") from None
+    return chunk_bytes, hexdigest
+
+
+def chunked_sha256(data: bytes | memoryview, chunk_bytes: int) -> str:
+    """The hex digest ``X-Weights-Chunked-SHA256`` names: SHA-256 of the concatenated 32-byte SHA-256
+    digests of ``data``'s consecutive ``chunk_bytes`` chunks (the last may be shorter; none when empty).
+    One thread; :class:`ChunkedDigest` computes the same as the bytes arrive."""
+    view = memoryview(data).cast("B")
+    chunks = (view[start : start + chunk_bytes] for start in range(0, view.nbytes, chunk_bytes))
+    return hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
+
+
+class ChunkedDigest:
+    """``chunked_sha256`` of a body arriving in pieces (:meth:`add`, in order): each chunk is hashed in
+    ``pool`` once all its bytes are in, so chunks hash in parallel while the next ones arrive. A chunk's
+    pieces are held until it is hashed; :meth:`throttle` waits while more than ``max_pending`` chunks are
+    (which slows the sender down rather than holding the body in memory)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, chunk_bytes: int, max_pending: int):
+        self.pool, self.chunk_bytes, self.max_pending = pool, chunk_bytes, max_pending
+        self._pieces: list[memoryview] = []
+        self._filled = 0
+        self._digests: list[Future[bytes]] = []
+        self._waiting = 0
+        """Index of the first digest that may still be computing."""
+
+    def add(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view.nbytes:
+            take = min(self.chunk_bytes - self._filled, view.nbytes)
+            self._pieces.append(view if take == view.nbytes else view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.chunk_bytes:
+                self._submit()
+
+    def _submit(self) -> None:
+        pieces, self._pieces, self._filled = self._pieces, [], 0
+        self._digests.append(self.pool.submit(_sha256_of, pieces))
+
+    async def throttle(self) -> None:
+        while len(self._digests) - self._waiting > self.max_pending:
+            if not self._digests[self._waiting].done():
+                await asyncio.wrap_future(self._digests[self._waiting])
+            self._waiting += 1
+
+    async def hexdigest(self) -> str:
+        """The digest of all the bytes added (the last, shorter chunk is hashed now)."""
+        if self._filled:
+            self._submit()
+        digests = [await asyncio.wrap_future(f) for f in self._digests]
+        return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def _sha256_of(pieces: list[memoryview]) -> bytes:
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)  # releases the GIL (pieces over 2 KiB)
+    return digest.digest()
+
+
 # --- the weights folders this server owns --------------------------------------------------------------
 class WeightStore:
     """The folders this server owns: one staging folder per incoming weights and the folder of the weights
@@ -222,6 +315,8 @@ class WeightStore:
             self.memory_root, self._memory_lock = _claim_memory_root(memory_dir)
         self.served_dir = model_dir
         """Folder holding the safetensors of the weights served now (at first, the model folder)."""
+        self._hash_pool: ThreadPoolExecutor | None = None
+        """Threads hashing the chunks of ``X-Weights-Chunked-SHA256`` bodies (started with the first)."""
 
     def memory_room(self) -> int:
         """Bytes that may be staged in memory now: free space of the tmpfs, capped by the memory the
@@ -259,6 +354,8 @@ class WeightStore:
             shutil.rmtree(previous, ignore_errors=True)
 
     def close(self) -> None:
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=False, cancel_futures=True)
         if self._owns_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         if self.memory_root is not None:
@@ -268,30 +365,43 @@ class WeightStore:
 
     # --- PUT /weights: the request body, streamed to the staging folder ------------------------------
     async def receive(
-        self, chunks: AsyncIterator[bytes], content_length: int | None, sha256: str | None
+        self,
+        chunks: AsyncIterator[bytes],
+        content_length: int | None,
+        sha256: str | None,
+        chunked_sha256: str | None = None,
     ) -> tuple[Path, int]:
-        """Write the body to ``<staging>/model.safetensors``, hashing it on the way; (staging dir, bytes).
+        """Write the body to ``<staging>/model.safetensors``, checking its digests on the way;
+        (staging dir, bytes).
 
-        Chunks are gathered into batches of ``WRITE_CHUNK_BYTES``; a thread hashes and writes one batch
-        while the next one arrives, so at most two batches are held in memory. 413 past
-        ``max_upload_bytes``; 400 for a body shorter than ``content_length`` or not matching ``sha256``."""
+        ``sha256`` (``X-Weights-SHA256``, hex) is hashed in one pass, ``chunked_sha256``
+        (``X-Weights-Chunked-SHA256``, ``"<chunk_bytes>:<hex>"``, see :func:`chunked_sha256`) chunk by chunk
+        in parallel as chunks complete; either, both or neither may be given. Chunks are gathered into
+        batches of ``WRITE_CHUNK_BYTES``; a thread writes one batch (and feeds ``sha256``) while the next
+        one arrives. 413 past ``max_upload_bytes``; 400 for a malformed digest, for a body shorter than
+        ``content_length`` or not matching a digest. On any error the staging folder is removed."""
         limit = self.max_upload_bytes
         if content_length is not None and content_length > limit:
             raise ApiError(413, f"body of {content_length} bytes exceeds --max-upload-bytes {limit}")
-        if sha256 is not None:
-            sha256 = sha256.strip().lower()
-            if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-                raise ApiError(400, "X-Weights-SHA256 must be 64 hexadecimal digits")
+        sha256 = parse_sha256(sha256) if sha256 is not None else None
+        chunked = parse_chunked_sha256(chunked_sha256) if chunked_sha256 is not None else None
+        digest = hashlib.sha256() if sha256 is not None else None
+        chunk_digest = None
+        if chunked is not None:
+            if self._hash_pool is None:
+                self._hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="receive-sha256")
+            chunk_digest = ChunkedDigest(self._hash_pool, chunked[0], max_pending=HASH_THREADS + 1)
         staged = self.new_staging_dir(content_length)
-        digest, received = hashlib.sha256(), 0
-        writing: asyncio.Task | None = None  # the thread hashing and writing the latest batch
+        received = 0
+        writing: asyncio.Task | None = None  # the thread writing (and hashing) the latest batch
 
         try:
             fd = os.open(staged / "model.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
             def write(batch: list[bytes]) -> None:
-                for chunk in batch:
-                    digest.update(chunk)  # releases the GIL
+                if digest is not None:
+                    for chunk in batch:
+                        digest.update(chunk)  # releases the GIL
                 _write_all(fd, batch)
 
             async def flush(batch: list[bytes]) -> None:
@@ -306,6 +416,9 @@ class WeightStore:
                     received += len(chunk)
                     if received > limit:
                         raise ApiError(413, f"body exceeds --max-upload-bytes {limit}")
+                    if chunk_digest is not None:
+                        chunk_digest.add(chunk)
+                        await chunk_digest.throttle()
                     batch.append(chunk)
                     batch_bytes += len(chunk)
                     if batch_bytes >= WRITE_CHUNK_BYTES:
@@ -320,10 +433,15 @@ class WeightStore:
                 os.close(fd)
             if content_length is not None and received != content_length:
                 raise ApiError(400, f"body ended after {received} of {content_length} bytes")
-            if sha256 is not None and digest.hexdigest() != sha256:
+            if digest is not None and digest.hexdigest() != sha256:
                 raise ApiError(
                     400, f"SHA-256 mismatch: body hashes to {digest.hexdigest()}, X-Weights-SHA256 "
                     f"says {sha256}",
+                )  # fmt: skip
+            if chunk_digest is not None and (found := await chunk_digest.hexdigest()) != chunked[1]:
+                raise ApiError(
+                    400, f"chunked SHA-256 mismatch: body hashes to {chunked[0]}:{found}, "
+                    f"X-Weights-Chunked-SHA256 says {chunked[0]}:{chunked[1]}",
                 )  # fmt: skip
         except BaseException:
             self.discard(staged)

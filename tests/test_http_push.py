@@ -1,6 +1,7 @@
 """``push: http`` streamed from memory (issue 10): the body the client builds from the snapshot's own memory,
-the SHA-256 computed while the snapshot is copied, and what the server does with pushes that break off
-or arrive corrupted; then the server's in-memory staging (``/dev/shm``) on its own, without an engine.
+its digest (``X-Weights-Chunked-SHA256``, chunks hashed in parallel) computed while the snapshot is copied,
+and what the server does with pushes that break off, arrive corrupted or carry a malformed digest; then
+the server's in-memory staging (``/dev/shm``) on its own, without an engine.
 
 The real-server tests use the session server of ``conftest.py`` (its ``--work-dir`` puts staging on disk;
 the staging code is the same in memory, which the ``WeightStore`` tests below cover). Refusals already
@@ -14,6 +15,7 @@ import hashlib
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,9 +26,11 @@ from conftest import API_KEY, same_outputs
 from safetensors.torch import load_file, save_file
 from starlette.requests import ClientDisconnect
 
+from generator_server import weights as server_weights
 from generator_server.errors import ApiError
-from generator_server.weights import MEMORY_ROOT_PREFIX, WeightStore
-from trainer_client.client import GeneratorClient, SafetensorsBody
+from generator_server.weights import MEMORY_ROOT_PREFIX, ChunkedDigest, WeightStore, parse_chunked_sha256
+from trainer_client import client as client_module
+from trainer_client.client import ChunkedSha256, GeneratorClient, SafetensorsBody
 from trainer_client.transports.base import host_snapshot
 from trainer_client.transports.http import HttpTransport
 
@@ -52,6 +56,17 @@ def body_bytes(body: SafetensorsBody) -> bytes:
     return b"".join(bytes(chunk) for chunk in body.chunks())
 
 
+MiB = 1 << 20
+
+
+def reference_chunked_sha256(data: bytes, chunk_bytes: int) -> str:
+    """The header's definition, written the plain way: SHA-256 of the chunks' SHA-256 digests."""
+    digests = b""
+    for start in range(0, len(data), chunk_bytes):
+        digests += hashlib.sha256(data[start : start + chunk_bytes]).digest()
+    return f"{chunk_bytes}:{hashlib.sha256(digests).hexdigest()}"
+
+
 # --- the body ------------------------------------------------------------------------------------------
 def test_streamed_body_is_byte_identical_to_save_file(tmp_path):
     tensors = mixed_tensors()
@@ -72,7 +87,8 @@ def test_snapshot_hashes_the_body_it_sends():
 
     def handler(request: httpx.Request) -> httpx.Response:
         got.setdefault("bodies", []).append(b"".join(request.stream))
-        got["sha"] = request.headers["x-weights-sha256"]
+        got["digest"] = request.headers["x-weights-chunked-sha256"]
+        assert "x-weights-sha256" not in request.headers
         if len(got["bodies"]) == 1:
             return httpx.Response(502, text="try again")
         return httpx.Response(200, json={"weights_version": 1, "bytes": 0, "load_seconds": 0.0})
@@ -88,7 +104,62 @@ def test_snapshot_hashes_the_body_it_sends():
     transport.push(snapshot, version=1)
     transport.close()
     assert got["bodies"] == [expected] * 2  # retried from the first byte
-    assert got["sha"] == snapshot.sha256.result() == hashlib.sha256(expected).hexdigest()
+    chunk = client_module.DIGEST_CHUNK_BYTES
+    assert got["digest"] == snapshot.digest.result() == reference_chunked_sha256(expected, chunk)
+
+
+# --- the chunked digest ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1, MiB - 1, MiB, MiB + 1, 3 * MiB + 12345])
+def test_chunked_digest_matches_the_reference(size):
+    """Client and server compute the header's definition for bodies empty, shorter than, equal to and longer
+    than one chunk, whatever pieces the bytes arrive in (pieces straddle the chunk boundaries)."""
+    data = os.urandom(size)
+    expected = reference_chunked_sha256(data, MiB)
+    assert client_module.chunked_sha256(data, MiB) == expected
+    assert server_weights.chunked_sha256(data, MiB) == expected.split(":")[1]
+    with ThreadPoolExecutor(3) as pool:
+        digest = ChunkedSha256(pool, MiB)
+        for start in range(0, size, 300_001):
+            digest.add(memoryview(data)[start : start + 300_001])
+        assert digest.result() == expected
+
+        async def arriving() -> str:
+            digest = ChunkedDigest(pool, MiB, max_pending=1)
+            for start in range(0, size, 65_537):
+                digest.add(data[start : start + 65_537])
+                await digest.throttle()
+            return await digest.hexdigest()
+
+        assert asyncio.run(arriving()) == expected.split(":")[1]
+    if size:  # one byte flipped anywhere changes it
+        flipped = bytearray(data)
+        flipped[size // 2] ^= 0x80
+        assert client_module.chunked_sha256(bytes(flipped), MiB) != expected
+    body = SafetensorsBody(mixed_tensors())
+    assert body.chunked_sha256(MiB) == reference_chunked_sha256(body_bytes(body), MiB)
+
+
+def test_push_weights_sends_the_chunked_digest_and_push_file_the_plain_one(tmp_path):
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = b"".join(request.stream)
+        seen.append((body, {k: v for k, v in request.headers.items() if k.startswith("x-weights")}))
+        return httpx.Response(200, json={"weights_version": 1, "bytes": len(body), "load_seconds": 0.0})
+
+    client = GeneratorClient("http://fake", transport=httpx.MockTransport(handler))
+    client.push_weights(mixed_tensors(), version=1)
+    body, headers = seen[-1]
+    chunk = client_module.DIGEST_CHUNK_BYTES
+    assert headers == {"x-weights-chunked-sha256": reference_chunked_sha256(body, chunk)}
+    sha = hashlib.sha256(body).hexdigest()
+    client.push_body(SafetensorsBody(mixed_tensors()), version=2, sha256=sha)  # as before: plain only
+    assert seen[-1][1] == {"x-weights-sha256": sha}
+    (tmp_path / "w.safetensors").write_bytes(body)
+    client.push_weights_file(tmp_path / "w.safetensors", version=3)
+    assert seen[-1] == (body, {"x-weights-sha256": sha})
+    with pytest.raises(ValueError, match="power of two"):
+        ChunkedSha256(None, 3 * MiB)
 
 
 # --- against the real server ------------------------------------------------------------------------
@@ -141,12 +212,12 @@ def test_push_of_a_snapshot_serves_those_weights(server, client, gen, transport,
     assert same_weights(probe(client), streamed)
 
 
-def _half_by_socket(server, version: int, body: SafetensorsBody, sha256: str) -> None:
+def _half_by_socket(server, version: int, body: SafetensorsBody, digest: str) -> None:
     """Headers and half of the body over a raw socket, then the connection is dropped."""
     data = body_bytes(body)
     head = (
         f"PUT /weights?version={version} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {API_KEY}\r\n"
-        f"Content-Length: {len(data)}\r\nX-Weights-SHA256: {sha256}\r\n\r\n"
+        f"Content-Length: {len(data)}\r\nX-Weights-Chunked-SHA256: {digest}\r\n\r\n"
     )
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as conn:
@@ -154,7 +225,7 @@ def _half_by_socket(server, version: int, body: SafetensorsBody, sha256: str) ->
         time.sleep(0.2)  # let the server take in the first half
 
 
-def _half_by_failing_stream(server, version: int, body: SafetensorsBody, sha256: str) -> None:
+def _half_by_failing_stream(server, version: int, body: SafetensorsBody, digest: str) -> None:
     """httpx streaming the body whose source fails half-way (the sender dies mid-push)."""
 
     def chunks():
@@ -165,7 +236,7 @@ def _half_by_failing_stream(server, version: int, body: SafetensorsBody, sha256:
             if sent >= body.nbytes // 2:
                 raise RuntimeError("the sender died")
 
-    headers = {"Content-Length": str(body.nbytes), "X-Weights-SHA256": sha256}
+    headers = {"Content-Length": str(body.nbytes), "X-Weights-Chunked-SHA256": digest}
     with server.client() as c, pytest.raises(RuntimeError, match="the sender died"):
         c.put("/weights", params={"version": version}, content=chunks(), headers=headers)
 
@@ -180,7 +251,7 @@ def test_push_broken_off_half_way_changes_nothing(
     before = probe(client)
 
     new = transport.snapshot(load_file(make_weights(seed=43)), dtypes)
-    break_off(server, version + 1, new.body, new.sha256.result())
+    break_off(server, version + 1, new.body, new.digest.result())
     settle(server_work_dir, version)
     assert server.weights_version() == version
     assert same_outputs(probe(client), before)  # the previous version, whole
@@ -191,28 +262,75 @@ def test_push_broken_off_half_way_changes_nothing(
     settle(server_work_dir, version + 1)
 
 
-def test_corrupted_body_is_refused(server, client, gen, transport, make_weights, server_work_dir):
+def _put(server, version: int, data: bytes, headers: dict[str, str]) -> httpx.Response:
+    with server.client() as c:
+        return c.put("/weights", params={"version": version}, content=data, headers=headers)
+
+
+@pytest.mark.parametrize("header", ["X-Weights-SHA256", "X-Weights-Chunked-SHA256", "both"])
+def test_corrupted_body_is_refused(server, client, gen, transport, make_weights, server_work_dir, header):
     """One byte flipped in the tensor data on the way: still a well-formed file of the right tensors, so
-    only the digest (of the original, in the header) tells."""
+    only the digest (of the original, in the header) tells. With both headers, the plain digest is right
+    for the corrupted bytes: the chunked one alone must refuse them."""
     dtypes = served_dtypes(gen)
     version = server.weights_version() + 1
     transport.push(transport.snapshot(load_file(make_weights(seed=44)), dtypes), version)
     before = probe(client)
 
     new = transport.snapshot(load_file(make_weights(seed=45)), dtypes)
-    data = bytearray(body_bytes(new.body))
+    original = body_bytes(new.body)
+    data = bytearray(original)
     data[len(new.body.head) + 1000] ^= 0x01
-    with server.client() as c:
-        response = c.put(
-            "/weights",
-            params={"version": version + 1},
-            content=bytes(data),
-            headers={"X-Weights-SHA256": new.sha256.result()},
-        )
-    assert response.status_code == 400 and "SHA-256 mismatch" in response.json()["detail"]
+    chunked = reference_chunked_sha256(original, MiB)  # more than one chunk: the tiny model is 1.8 MB
+    headers = {
+        "X-Weights-SHA256": {"X-Weights-SHA256": hashlib.sha256(original).hexdigest()},
+        "X-Weights-Chunked-SHA256": {"X-Weights-Chunked-SHA256": chunked},
+        "both": {"X-Weights-SHA256": hashlib.sha256(data).hexdigest(), "X-Weights-Chunked-SHA256": chunked},
+    }[header]
+    response = _put(server, version + 1, bytes(data), headers)
+    detail = response.json()["detail"]
+    assert response.status_code == 400 and "SHA-256 mismatch" in detail, detail
+    assert ("chunked" in detail) == (header != "X-Weights-SHA256")
     assert server.weights_version() == version
     assert same_outputs(probe(client), before)
-    settle(server_work_dir, version)
+    settle(server_work_dir, version)  # the staging folder is gone
+
+    response = _put(
+        server, version + 1, original, {**headers, "X-Weights-SHA256": hashlib.sha256(original).hexdigest()}
+    )
+    assert response.status_code == 200, response.text  # the right bytes, 1 MiB chunks: served
+    after = probe(client)
+    assert after["weights_version"] == version + 1 and not same_weights(after, before)
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("3145728:" + "0" * 64, "power of two"),  # 3 MiB
+        ("524288:" + "0" * 64, "power of two"),  # 512 KiB: too small
+        (f"{2 << 30}:" + "0" * 64, "power of two"),  # 2 GiB: too large
+        ("16MiB:" + "0" * 64, "<chunk_bytes>"),
+        ("0" * 64, "<chunk_bytes>"),  # no chunk size
+        ("1048576:" + "g" * 64, "digest is not"),
+        ("1048576:" + "0" * 63, "digest is not"),
+    ],
+)
+def test_malformed_chunked_digest_is_refused(server, client, server_work_dir, value, problem):
+    version = server.weights_version()
+    before = probe(client)
+    response = _put(server, version + 1, b"x" * 100, {"X-Weights-Chunked-SHA256": value})
+    assert response.status_code == 400 and problem in response.json()["detail"], response.text
+    assert "X-Weights-Chunked-SHA256" in response.json()["detail"]
+    assert server.weights_version() == version and same_outputs(probe(client), before)
+    assert not [p for p in server_work_dir.iterdir() if p.name.startswith("staging-")]
+
+
+def test_parse_chunked_digest():
+    assert parse_chunked_sha256(f" 1048576 : {'AB' * 32} ") == (MiB, "ab" * 32)
+    assert parse_chunked_sha256(f"{1 << 30}:{'0' * 64}")[0] == 1 << 30
+    for bad in ["", ":", f"1048576{'0' * 64}", f"-1048576:{'0' * 64}", f"1e6:{'0' * 64}", f"²:{'0' * 64}"]:
+        with pytest.raises(ApiError, match="X-Weights-Chunked-SHA256"):
+            parse_chunked_sha256(bad)
 
 
 # --- the server's staging in memory (WeightStore, no engine) ---------------------------------------------
@@ -263,6 +381,34 @@ def test_pushes_are_staged_in_memory_and_freed(store, tmp_path):
     assert [p.name for p in root.iterdir()] == ["served-v2"] and store.served_dir == second
     store.close()
     assert not root.exists()
+
+
+def test_store_checks_the_chunked_digest_as_chunks_arrive(store):
+    data = os.urandom(5 * MiB + 3)
+    chunked = reference_chunked_sha256(data, MiB)
+    staged, size = asyncio.run(store.receive(_chunks(data, size=100_003), len(data), None, chunked))
+    assert size == len(data) and (staged / "model.safetensors").read_bytes() == data
+    sha = hashlib.sha256(data).hexdigest()
+    assert asyncio.run(store.receive(_chunks(data), len(data), sha, chunked))[1] == len(data)  # both
+    store.discard(staged)
+
+    parent = staged.parent
+    before = sorted(parent.iterdir())
+    wrong = bytearray(data)
+    wrong[-1] ^= 1  # the last, shorter chunk
+    with pytest.raises(ApiError, match="chunked SHA-256 mismatch"):
+        asyncio.run(store.receive(_chunks(bytes(wrong)), len(data), None, chunked))
+    with pytest.raises(ApiError, match="chunked SHA-256 mismatch"):  # the plain digest passes, not this one
+        asyncio.run(
+            store.receive(_chunks(bytes(wrong)), len(data), hashlib.sha256(wrong).hexdigest(), chunked)
+        )
+    with pytest.raises(ApiError, match="chunked SHA-256 mismatch"):  # same chunks, one more byte
+        asyncio.run(store.receive(_chunks(data + b"x"), None, None, chunked))
+    with pytest.raises(ClientDisconnect):  # broken off mid-chunk
+        asyncio.run(store.receive(_chunks(data, fail_after=3 * MiB + 5), len(data), None, chunked))
+    assert sorted(parent.iterdir()) == before  # no staging folder left
+    empty = reference_chunked_sha256(b"", MiB)
+    assert asyncio.run(store.receive(_chunks(b""), 0, None, empty))[1] == 0
 
 
 def test_pushes_go_to_disk_when_memory_has_no_room(store, monkeypatch):

@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +39,12 @@ CHUNK_BYTES = 1 << 20
 SEND_CHUNK_BYTES = 1 << 20
 """Largest piece of a tensor handed to httpx at once (its HTTP/1.1 layer copies each piece once; larger
 pieces were no faster on loopback, 16 MiB ones slower)."""
+DIGEST_CHUNK_BYTES = 16 << 20
+"""Chunk size of the ``X-Weights-Chunked-SHA256`` digest this client sends (see :class:`ChunkedSha256`)."""
+MIN_DIGEST_CHUNK_BYTES, MAX_DIGEST_CHUNK_BYTES = 1 << 20, 1 << 30
+"""The chunk sizes the server accepts: powers of two between these."""
+HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
+"""Threads hashing chunks in parallel (hashlib releases the GIL while it hashes a large buffer)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -144,6 +152,75 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def chunked_sha256(data: bytes | memoryview, chunk_bytes: int = DIGEST_CHUNK_BYTES) -> str:
+    """The ``X-Weights-Chunked-SHA256`` value of ``data`` in one thread (see :class:`ChunkedSha256`)."""
+    digest = ChunkedSha256(None, chunk_bytes)
+    digest.add(data)
+    return digest.result()
+
+
+class ChunkedSha256:
+    """The ``X-Weights-Chunked-SHA256`` header of a body whose bytes are handed over in order (``add``):
+    ``"<chunk_bytes>:<hex>"``, ``<hex>`` the SHA-256 of the concatenated 32-byte SHA-256 digests of the
+    body's consecutive ``chunk_bytes`` chunks (the last one may be shorter; no chunk for an empty body).
+
+    Each chunk is hashed in ``pool`` as soon as all its bytes have been added, so chunks hash in parallel
+    and while later bytes are still being produced (None: in the calling thread). The buffers added are
+    read in place, later: they must not change until :meth:`result` has returned."""
+
+    def __init__(self, pool: Executor | None, chunk_bytes: int = DIGEST_CHUNK_BYTES):
+        if not (
+            MIN_DIGEST_CHUNK_BYTES <= chunk_bytes <= MAX_DIGEST_CHUNK_BYTES and chunk_bytes.bit_count() == 1
+        ):
+            raise ValueError(f"chunk_bytes must be a power of two from 1 MiB to 1 GiB, not {chunk_bytes}")
+        self.pool, self.chunk_bytes = pool, chunk_bytes
+        self._pieces: list[memoryview] = []
+        self._filled = 0
+        self._digests: list[Future[bytes]] = []
+        self._value: str | None = None
+
+    def add(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            take = min(self.chunk_bytes - self._filled, view.nbytes)
+            self._pieces.append(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.chunk_bytes:
+                self._end_chunk()
+
+    def _end_chunk(self) -> None:
+        pieces, self._pieces, self._filled = self._pieces, [], 0
+        if self.pool is not None:
+            self._digests.append(self.pool.submit(_sha256_of, pieces))
+        else:
+            done: Future[bytes] = Future()
+            done.set_result(_sha256_of(pieces))
+            self._digests.append(done)
+
+    def close(self) -> None:
+        """No more bytes: the last, shorter chunk is submitted."""
+        if self._filled:
+            self._end_chunk()
+        self._pieces = None  # add() after close() fails
+
+    def result(self) -> str:
+        """The header value (closes the digest first; waits for the chunks still hashing)."""
+        if self._value is None:
+            if self._pieces is not None:
+                self.close()
+            joined = b"".join(f.result() for f in self._digests)
+            self._value = f"{self.chunk_bytes}:{hashlib.sha256(joined).hexdigest()}"
+        return self._value
+
+
+def _sha256_of(pieces: list[memoryview]) -> bytes:
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)  # releases the GIL (buffers over 2 KiB)
+    return digest.digest()
+
+
 def _file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
@@ -241,6 +318,16 @@ class SafetensorsBody:
         for view in self.views:
             digest.update(view)
         return digest.hexdigest()
+
+    def chunked_sha256(self, chunk_bytes: int = DIGEST_CHUNK_BYTES, threads: int = HASH_THREADS) -> str:
+        """The body's ``X-Weights-Chunked-SHA256`` (:class:`ChunkedSha256`), its chunks hashed by
+        ``threads`` threads at once."""
+        with ThreadPoolExecutor(threads, thread_name_prefix="push-sha256") as pool:
+            digest = ChunkedSha256(pool, chunk_bytes)
+            digest.add(self.head)
+            for view in self.views:
+                digest.add(view)
+            return digest.result()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,14 +484,24 @@ class GeneratorClient:
         temporary file)."""
         return self.push_body(SafetensorsBody(state_dict), version)
 
-    def push_body(self, body: SafetensorsBody, version: int, sha256: str | None = None) -> WeightsUpdate:
-        """``PUT /weights?version=V`` of ``body``; its SHA-256 (``sha256``, or computed here first) goes in
-        ``X-Weights-SHA256``. A retry sends the body again from its first byte."""
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(body.nbytes),
-            "X-Weights-SHA256": sha256 or body.sha256(),
-        }
+    def push_body(
+        self,
+        body: SafetensorsBody,
+        version: int,
+        sha256: str | None = None,
+        chunked_sha256: str | None = None,
+    ) -> WeightsUpdate:
+        """``PUT /weights?version=V`` of ``body`` with its digest: ``sha256`` in ``X-Weights-SHA256``
+        and/or ``chunked_sha256`` (``"<chunk_bytes>:<hex>"``, see :class:`ChunkedSha256`) in
+        ``X-Weights-Chunked-SHA256``; neither given: the chunked one, computed here first in parallel
+        (:meth:`SafetensorsBody.chunked_sha256`). A retry sends the body again from its first byte."""
+        if sha256 is None and chunked_sha256 is None:
+            chunked_sha256 = body.chunked_sha256()
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(body.nbytes)}
+        if sha256 is not None:
+            headers["X-Weights-SHA256"] = sha256
+        if chunked_sha256 is not None:
+            headers["X-Weights-Chunked-SHA256"] = chunked_sha256
         response = self._request(
             "PUT", "/weights", params={"version": version}, headers=headers, content=body.chunks
         )

@@ -1,21 +1,24 @@
 """``push: http``: the weights as one safetensors body in ``PUT /weights`` (works wherever the URL does).
 
-The body is streamed from the snapshot's own memory (no file, no second copy), and its SHA-256, which the
-server checks and which must go in a header before the body, is computed while the snapshot is taken: a
-thread hashes each tensor as soon as it is copied, in body order, so hashing overlaps the copying and the
-training thread never waits for it; ``push`` waits for the digest if it is not ready yet.
+The body is streamed from the snapshot's own memory (no file, no second copy), and its digest, which the
+server checks and which must go in a header before the body, is computed while the snapshot is taken: the
+``X-Weights-Chunked-SHA256`` of the body (:class:`~trainer_client.client.ChunkedSha256`), each chunk hashed
+by a pool of threads as soon as the tensors it spans are copied, so the chunks hash in parallel, overlapping
+the copying, and the training thread never waits for them; ``push`` waits for the digest if it is not
+ready yet.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from trainer_client.client import (
+    HASH_THREADS,
+    ChunkedSha256,
     GeneratorClient,
     SafetensorsBody,
     StaleVersionError,
@@ -31,18 +34,17 @@ class HttpSnapshot:
     """A host copy of the policy in the served dtypes, as the safetensors body a push sends."""
 
     body: SafetensorsBody
-    sha256: Future[str]
-    """SHA-256 of the body, being computed in the transport's hashing thread."""
+    digest: ChunkedSha256
+    """The body's ``X-Weights-Chunked-SHA256``, its chunks being hashed in the transport's threads."""
 
 
 class HttpTransport:
     name = "http"
     max_pending = 2
 
-    def __init__(self, client: GeneratorClient):
+    def __init__(self, client: GeneratorClient, threads: int = HASH_THREADS):
         self.client = client
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-sha256")
-        """One thread: the tasks of one body (and of successive snapshots) run in the order submitted."""
+        self._hasher = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="push-sha256")
 
     def snapshot(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]) -> HttpSnapshot:
         specs = {
@@ -50,22 +52,22 @@ class HttpTransport:
             for name, served in dtypes.items()
         }
         head, order = safetensors_layout(specs)  # known before any copy: the body's order is the copy order
-        digest = hashlib.sha256()
-        self._hasher.submit(digest.update, head)
+        digest = ChunkedSha256(self._hasher)
+        digest.add(head)
         copies = {}
         for name in order:
             copies[name] = host_snapshot({name: tensors[name]}, {name: dtypes[name]})[name].contiguous()
-            self._hasher.submit(digest.update, tensor_bytes(copies[name]))
-        sha256 = self._hasher.submit(digest.hexdigest)
-        body = SafetensorsBody(copies)  # views of the same memory the thread hashes
+            digest.add(tensor_bytes(copies[name]))  # hashes the chunks this copy completes
+        digest.close()
+        body = SafetensorsBody(copies)  # views of the same memory the threads hash
         assert body.head == head and body.order == order
-        return HttpSnapshot(body, sha256)
+        return HttpSnapshot(body, digest)
 
     def push(self, snapshot: HttpSnapshot | Mapping[str, torch.Tensor], version: int) -> dict:
         try:
             if isinstance(snapshot, HttpSnapshot):
-                body, sha256 = snapshot.body, snapshot.sha256.result()
-                return self.client.push_body(body, version, sha256=sha256).model_dump()
+                body, digest = snapshot.body, snapshot.digest.result()
+                return self.client.push_body(body, version, chunked_sha256=digest).model_dump()
             return self.client.push_weights(snapshot, version).model_dump()
         except StaleVersionError:
             # A retried PUT whose first attempt did land answers 409; that is success.
