@@ -52,6 +52,7 @@ from bench.common import (
     build_model,
     count_params,
     describe_machine,
+    has_cuda,
     human_params,
     machine_line,
     markdown_table,
@@ -243,16 +244,45 @@ def _shared(ctx: Context) -> Sample:
     return Sample(push, read_seconds + out["load_seconds"], parts | {"bytes": path.stat().st_size})
 
 
+def _ipc(ctx: Context) -> Sample:
+    """CUDA IPC (GPU only): the policy on the server's GPU, packed into bf16 buckets whose handles go over
+    HTTP as JSON. Floor: one device-to-device copy of the same bytes + the server's reload."""
+    import torch
+
+    from trainer_client.transports.ipc import IpcTransport
+
+    transport = ctx.transports.setdefault("ipc", IpcTransport(ctx.client))
+    policy = ctx.transports.setdefault("ipc-policy", {n: t.to("cuda") for n, t in ctx.policy.items()})
+    started = time.perf_counter()
+    snapshot = transport.snapshot(policy, ctx.dtypes)
+    snapshotted = time.perf_counter()
+    out = transport.push(snapshot, ctx.next_version())
+    push = time.perf_counter() - started
+    nbytes = sum(b.buffer.numel() for b in snapshot)
+    src = snapshot[0].buffer.new_empty(nbytes)
+    dst = torch.empty_like(src)
+    torch.cuda.synchronize()
+    copy_started = time.perf_counter()
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    copy_seconds = time.perf_counter() - copy_started
+    del snapshot, src, dst
+    parts = {"snapshot": snapshotted - started, "copy": copy_seconds, "load": out["load_seconds"]}
+    return Sample(push, copy_seconds + out["load_seconds"], parts | {"bytes": nbytes})
+
+
 TRANSPORTS: dict[str, Callable[[Context], Sample]] = {
     "http": _http,
     "http-file": _http_file,
     "shared": _shared,
+    "ipc": _ipc,
 }
-"""name -> one push of a new version with its floor. ``ipc`` (GPU only) goes here too."""
+"""name -> one push of a new version with its floor (``ipc`` runs only where there is a GPU)."""
 FLOORS = {
     "http": "loopback TCP socket + server reload",
     "http-file": "loopback TCP socket + server reload",
     "shared": "file read + server reload",
+    "ipc": "device-to-device copy + server reload",
 }
 
 
@@ -310,7 +340,7 @@ def run_rounds(args, names: list[str], model_dir: Path, checkpoint_root: Path) -
                 )
                 if r >= args.warmup:
                     samples[name].append(sample)
-        for transport in ctx.transports.values():
+        for transport in [t for t in ctx.transports.values() if hasattr(t, "close")]:
             transport.close()
     return samples
 
@@ -358,7 +388,7 @@ def markdown(args, machine: dict, rows: list[dict], sha_seconds: float) -> str:
         parts = row["median_parts_seconds"]
         table.append(
             [row["transport"], f"{row['bytes'] / 1e9:.3f}", row["push_seconds"], parts["snapshot"],
-             row["floor_seconds"], parts.get("socket", parts.get("read")), parts["load"],
+             row["floor_seconds"], parts.get("socket", parts.get("read", parts.get("copy"))), parts["load"],
              f"{row['ratio']:.2f}", f"{row['ratio_best']:.2f}", row["floor"]]
         )  # fmt: skip
     headers = ["transport", "GB", "push s", "of which snapshot s", "floor s", "bytes moved s",
@@ -388,7 +418,8 @@ def markdown(args, machine: dict, rows: list[dict], sha_seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), QUICK, argv)
-    names = args.transports.split(",") if args.transports else list(TRANSPORTS)
+    default = [n for n in TRANSPORTS if n != "ipc" or has_cuda()]  # CUDA IPC needs a GPU
+    names = args.transports.split(",") if args.transports else default
     if unknown := [n for n in names if n not in TRANSPORTS] + ([args.size] if args.size not in SIZES else []):
         raise SystemExit(f"unknown transport or size: {unknown}")
     import torch
