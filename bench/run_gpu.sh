@@ -4,7 +4,7 @@
 #   bash bench/run_gpu.sh 1 2      # generate overhead + vLLM vs transformers (about 5 minutes)
 #   bash bench/run_gpu.sh 3        # weight push for 0.1b, 0.5b, 1b (about 5-7 minutes)
 #   bash bench/run_gpu.sh ipc      # CUDA IPC weight sync for 0.5b, 1b, 3b (about 5 minutes)
-#   bash bench/run_gpu.sh sync     # every transport (ipc, http, shared) at 1b against its floor
+#   bash bench/run_gpu.sh sync     # every transport (ipc, http, shared) against its floor, 0.25b model
 #   bash bench/run_gpu.sh tests    # the server's test suite against the CUDA engine
 #   bash bench/run_gpu.sh learn-server learn-colocate   # the 308M-parameter demo in both modes
 #   bash bench/run_gpu.sh learn-server-2gpu    # server mode with the server on GPU 1, trainer on GPU 0
