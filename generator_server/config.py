@@ -33,6 +33,13 @@ class ServerSettings(BaseSettings):
         0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use (ignored on CPU)."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="Number of GPUs the model is split over.")
+    data_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Engines in this server, each a whole copy of the model (tensor-parallel-size GPUs "
+        "each; vLLM's data parallelism): requests are balanced over them, and a weight reload reaches "
+        "every engine before the new version is served.",
+    )
     seed: int = Field(0, description="Engine seed (requests without a seed sample from it).")
     checkpoint_root: Path | None = Field(
         None, description="POST /weights/load only reads paths inside this folder (unset: always 403)."

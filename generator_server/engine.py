@@ -130,6 +130,7 @@ class GenerationEngine:
             max_model_len=s.max_model_len,
             gpu_memory_utilization=s.gpu_memory_utilization,
             tensor_parallel_size=s.tensor_parallel_size,
+            data_parallel_size=s.data_parallel_size,
             seed=s.seed,
             enforce_eager=s.enforce_eager,
             max_num_seqs=s.max_num_seqs,
@@ -272,7 +273,8 @@ class GenerationEngine:
         offered = ["http"]
         if self.settings.checkpoint_root is not None:
             offered.append("shared")
-        if self.gpu_uuid is not None and self.settings.tensor_parallel_size == 1:
+        one_worker = self.settings.tensor_parallel_size == 1 and self.settings.data_parallel_size == 1
+        if self.gpu_uuid is not None and one_worker:
             offered.append("ipc")
         return offered
 

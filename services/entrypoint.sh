@@ -5,10 +5,11 @@
 #    CPU into $MODELS_DIR on the first start, then reused from there); anything else must be a Hugging Face
 #    model folder as seen inside the container.
 # 2. exec the service with that model. Everything else comes from the environment: GENERATOR_* variables
-#    for generator-server; for the trainer TRAINER_CONFIG (its YAML file), GENERATOR_URL, GENERATOR_API_KEY,
-#    RUN_DIR and WEIGHTS_PUSH, passed as `--set key=value` overrides; with EVAL_TASK set, the held-out
-#    reward is measured through the server before and after training. Extra arguments go to
-#    `trainer-client train` (e.g. `docker compose run --rm trainer --set steps=10`).
+#    for generator-server; for the trainer TRAINER_CONFIG (its YAML file), GENERATOR_URL (several
+#    generation replicas: their URLs separated by commas), GENERATOR_API_KEY, RUN_DIR and WEIGHTS_PUSH,
+#    passed as `--set key=value` overrides; with EVAL_TASK set, the held-out reward is measured through the
+#    (first) server before and after training. Extra arguments go to `trainer-client train` (e.g.
+#    `docker compose run --rm trainer --set steps=10`).
 set -euo pipefail
 
 die() {
@@ -45,14 +46,19 @@ case $role in
         ;;
     trainer)
         model=$(resolve_model)
-        url=${GENERATOR_URL:?set GENERATOR_URL, e.g. http://generator:8000}
+        IFS=, read -ra urls <<<"${GENERATOR_URL:?set GENERATOR_URL, e.g. http://generator:8000}"
+        server_url=$(yaml_str "${urls[0]// /}")
+        for url in "${urls[@]:1}"; do # several replicas: a YAML list of their URLs
+            server_url+=", $(yaml_str "${url// /}")"
+        done
+        ((${#urls[@]} == 1)) || server_url="[$server_url]"
         overrides=(
             --set "model=$(yaml_str "$model")"
-            --set "server_url=$(yaml_str "$url")"
+            --set "server_url=$server_url"
             --set "output_dir=$(yaml_str "${RUN_DIR:?}")"
         )
         # GENERATOR_API_KEY reaches trainer-client through the environment, never its command line (ps)
-        eval_args=(eval --task "${EVAL_TASK:-}" --server-url "$url")
+        eval_args=(eval --task "${EVAL_TASK:-}" --server-url "${urls[0]// /}")
         case ${WEIGHTS_PUSH:-auto} in
             auto | http | ipc) overrides+=(--set "push=$WEIGHTS_PUSH") ;;
             shared)

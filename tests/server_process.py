@@ -84,12 +84,14 @@ def running_server(
     *extra_args: str,
     env: dict[str, str] | None = None,
     timeout: float = START_TIMEOUT_S,
+    port: int | None = None,
 ) -> Iterator[ServerHandle]:
-    """Start a server on a free port, wait for ``/health`` 200, yield its handle, stop it on exit.
+    """Start a server on ``port`` (default: a free one), wait for ``/health`` 200, yield its handle, stop it
+    on exit.
 
     ``env`` adds to (and overrides) this process's environment. Fails fast, with the end of the server
     log, if the process exits before it is healthy."""
-    port = free_port()
+    port = port or free_port()
     args = (*DEFAULT_ARGS, "--host", "127.0.0.1", *extra_args, "--port", str(port))
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     api_key = _flag_value(args, "--api-key") or full_env.get("GENERATOR_API_KEY")

@@ -641,3 +641,90 @@ def test_entrypoint_explains_a_bad_setting(role, env, message):
     script = executable_path(image, image.entrypoint[0])
     done = subprocess.run([str(script), role], env={**os.environ, **env}, capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several generation replicas: compose.replicas.yaml on top of compose.yaml
+# ----------------------------------------------------------------------------------------------------------
+REPLICAS_FILE = ROOT / "compose.replicas.yaml"
+
+
+def merge_compose(base, override):
+    """What ``docker compose -f base -f override`` reads: mappings merged key by key, sequences appended,
+    anything else replaced (compose's merge rules, for the keys these files use)."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: merge_compose(base[k], v) if k in base else v for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override
+        }
+    if isinstance(base, list) and isinstance(override, list):
+        return base + [v for v in override if v not in base]
+    return override
+
+
+def test_replicas_override_adds_a_second_generator_that_the_trainer_uses(tmp_path):
+    from trainer_client.config import load_config
+
+    env = example_env()
+    written = yaml.safe_load(REPLICAS_FILE.read_text())
+    validator = compose_schema_validator()
+    for data in (written, interpolate(written, env)):
+        assert not [f"{e.json_path}: {e.message}" for e in validator.iter_errors(data)]
+    merged = merge_compose(load_compose(env), interpolate(written, env))
+    assert selected_services(merged, [], env) == {"generator", "generator-2", "trainer"}
+    assert selected_services(merged, ["cpu"], env) == {"generator-cpu", "trainer-cpu"}
+    services = merged["services"]
+    one, two = services["generator"], services["generator-2"]
+    # the same server (image, model, key, settings, volumes, healthcheck) on another GPU and host port
+    for key in ("build", "image", "volumes", "healthcheck", "shm_size", "init", "restart", "profiles"):
+        assert two[key] == one[key], key
+    alone = "GENERATOR_GPU_MEMORY_UTILIZATION"  # generator-2 has its GPU to itself
+    assert {k: v for k, v in two["environment"].items() if k != alone} == {
+        k: v for k, v in one["environment"].items() if k != alone
+    }
+    devices = {
+        s: services[s]["deploy"]["resources"]["reservations"]["devices"][0]
+        for s in ("generator", "generator-2")
+    }
+    assert devices["generator"]["device_ids"] == ["0"] and devices["generator-2"]["device_ids"] == ["1"]
+    assert one["ports"] == ["127.0.0.1:8000:8000"] and two["ports"] == ["127.0.0.1:8001:8000"]
+    trainer = services["trainer"]
+    assert trainer["depends_on"] == {
+        "generator": {"condition": "service_healthy"},
+        "generator-2": {"condition": "service_healthy"},
+    }
+    url = trainer["environment"]["GENERATOR_URL"]
+    assert url == "http://generator:8000,http://generator-2:8000"
+
+    # the entrypoint hands both URLs to server_url as a list (and evaluates through the first one)
+    image = service_image(merged, "trainer")
+    script = executable_path(image, image.entrypoint[0])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calls, bin_dir = tmp_path / "calls.txt", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "trainer-client"  # records its arguments instead of training
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done >>"$CALLS"\necho ---- >>"$CALLS"\n')
+    fake.chmod(0o755)
+    config_path = ROOT / merged["configs"]["trainer-gpu"]["file"]
+    run_env = {
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "MODEL": str(model),
+        "GENERATOR_URL": url, "TRAINER_CONFIG": str(config_path), "RUN_DIR": str(tmp_path / "run"),
+        "WEIGHTS_PUSH": "auto", "EVAL_TASK": "arithmetic",
+    }  # fmt: skip
+    done = subprocess.run([str(script), "trainer"], env=run_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    evaluate, train, _ = [c.strip().splitlines() for c in calls.read_text().split("----")[:-1]]
+    assert evaluate[evaluate.index("--server-url") + 1] == "http://generator:8000"
+    overrides = [train[i + 1] for i, arg in enumerate(train) if arg == "--set"]
+    config = load_config(config_path, overrides)
+    assert config.server_url == ["http://generator:8000", "http://generator-2:8000"]
+    # one URL, as compose.yaml alone passes it, stays a string
+    calls.unlink()
+    done = subprocess.run(
+        [str(script), "trainer"], env={**run_env, "GENERATOR_URL": "http://generator:8000", "EVAL_TASK": ""},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    train = calls.read_text().split("----")[0].strip().splitlines()
+    assert 'server_url="http://generator:8000"' in train

@@ -2,7 +2,8 @@
 
 The loop only calls the methods of :class:`GenerationBackend`. ``mode: server`` implements them with the
 HTTP :class:`~trainer_client.client.GeneratorClient` for generation and a weight transport
-(``trainer_client/transports``) for pushes; ``mode: colocate`` with vLLM inside the trainer process
+(``trainer_client/transports``) for pushes, over one server or several replicas
+(``trainer_client/replicas.py``); ``mode: colocate`` with vLLM inside the trainer process
 (``trainer_client/colocate.py``), weights handed over in memory.
 """
 
@@ -29,6 +30,13 @@ class GenerationBatch:
     prompts: list[str]
     prompt_token_ids: list[list[int]]  # (B, prompt_len_i)
     completions: list[list[Completion]]  # (B, n): token_ids, text, finish_reason, logprobs
+    prompt_versions: list[int] | None = None  # (B,)
+    """Several replicas (trainer_client/replicas.py): the version that sampled each prompt's completions
+    (``weights_version`` is their minimum); None: all ``weights_version``."""
+    replica_stats: dict[str, dict] | None = None
+    """Several replicas: per server URL, what it did for this batch: ``prompts``, ``tokens`` (completion
+    tokens), ``seconds`` (its requests' time), ``version`` (the lowest it answered with), and ``failed``
+    (requests that failed and went to the others) where any did. None for one server."""
 
 
 class GenerationBackend(Protocol):
@@ -139,11 +147,17 @@ class ServerBackend:
 
 def make_backend(config: TrainConfig) -> GenerationBackend:
     if config.mode == "server":
-        client = GeneratorClient(
-            config.server_url, api_key=config.api_key, timeout=config.request_timeout,
-            max_retries=config.max_retries,
-        )  # fmt: skip
-        return ServerBackend(client, push=config.push, device=config.device, config=config)
+        servers = []
+        for url in config.server_urls:
+            client = GeneratorClient(
+                url, api_key=config.api_key, timeout=config.request_timeout, max_retries=config.max_retries
+            )
+            servers.append(ServerBackend(client, push=config.push, device=config.device, config=config))
+        if len(servers) == 1:
+            return servers[0]
+        from trainer_client.replicas import ReplicaSetBackend
+
+        return ReplicaSetBackend(servers)
     if config.mode == "colocate":
         from trainer_client.colocate import ColocatedBackend  # imports vLLM: only in this mode
 

@@ -58,14 +58,14 @@ def run(args: argparse.Namespace) -> int:
 
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks to the server
     if config.mode == "server" and main:  # fail fast, before torch is imported, if the server is not usable
-        try:
-            with GeneratorClient(
-                config.server_url, config.api_key, config.request_timeout, max_retries=1
-            ) as client:
-                client.wait_until_ready(config.connect_timeout)
-                client.weights_spec()  # also checks the API key
-        except GeneratorError as e:
-            return fail(f"generation server: {e}", EXIT_SERVER)
+        for url in config.server_urls:  # every replica must answer at start
+            try:
+                with GeneratorClient(url, config.api_key, config.request_timeout, max_retries=1) as client:
+                    client.wait_until_ready(config.connect_timeout)
+                    client.weights_spec()  # also checks the API key
+            except GeneratorError as e:
+                where = f"{url}: " if len(config.server_urls) > 1 else ""
+                return fail(f"generation server: {where}{e}", EXIT_SERVER)
 
     from trainer_client.colocate import ColocateError
     from trainer_client.distributed import DistributedError

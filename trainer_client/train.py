@@ -43,6 +43,7 @@ from trainer_client.client import Completion
 from trainer_client.config import TrainConfig
 from trainer_client.dpo import apply_missing_eos_penalty, build_pairs
 from trainer_client.learner import Learner, NotFiniteError, StepStats
+from trainer_client.replicas import replica_metrics
 from trainer_client.rewards import build_reward
 from trainer_client.tasks import load_task, task_hint
 from trainer_client.workers import Batch, Producer, Pusher
@@ -218,7 +219,8 @@ def run_training(
         if hasattr(backend, "wait_until_ready"):
             backend.wait_until_ready(c.connect_timeout)
         server_version, server_tensors = backend.weights_spec()
-        push_names = check_compatible(server_tensors, learner.tensor_specs(), f"the server at {c.server_url}")
+        where = f"the server at {', '.join(c.server_urls)}"
+        push_names = check_compatible(server_tensors, learner.tensor_specs(), where)
         offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
         served_dtypes = {n: server_tensors[n][1] for n in push_names}
 
@@ -284,6 +286,7 @@ def run_training(
                     ),
                     "wall_seconds": round(train_end - step_end, 4),
                 }
+                | replica_metrics(samples, offset)  # several generation replicas: what each did
             )
             pusher.submit(step, weights, record)
             metrics.add(record)
