@@ -49,6 +49,11 @@ def dtypes(client: GeneratorClient) -> dict[str, str]:
     return {n: t.dtype for n, t in client.weights_spec().tensors.items()}
 
 
+def manifest_of(snapshot) -> list[dict]:
+    """What ``begin`` announces: every tensor's name, shape and dtype, in bucket order."""
+    return [{k: t[k] for k in ("name", "shape", "dtype")} for b in snapshot for t in b.tensors]
+
+
 def generate(client: GeneratorClient) -> dict:
     return client.generate(**GREEDY).model_dump()
 
@@ -80,7 +85,7 @@ def _partial_transfer(trainer, w, d, version) -> str:
     """Begin a transfer of ``version`` and send only its first bucket; returns the session."""
     ipc = IpcTransport(trainer, bucket_bytes=256 * 1024)
     snapshot = ipc.snapshot(w, d)
-    manifest = [{k: t[k] for k in ("name", "shape", "dtype")} for b in snapshot for t in b.tensors]
+    manifest = manifest_of(snapshot)
     host, gpu = local_gpu("cuda")
     session = trainer.ipc_begin(version, host, gpu, manifest)
     trainer.ipc_bucket(session, ipc_handle(snapshot[0].buffer), snapshot[0].tensors)
@@ -119,7 +124,7 @@ def test_a_handle_from_another_gpu_or_a_bad_handle_is_refused(trainer, weights):
     http.push(http.snapshot(weights(8), d), v + 1)
     before = generate(trainer)
     snapshot = IpcTransport(trainer).snapshot(weights(9), d)
-    manifest = [{k: t[k] for k in ("name", "shape", "dtype")} for b in snapshot for t in b.tensors]
+    manifest = manifest_of(snapshot)
     host, gpu = local_gpu("cuda")
     with pytest.raises(GeneratorHTTPError, match="another GPU|lives on GPU|GPU-elsewhere") as e:
         trainer.ipc_begin(v + 2, host, "GPU-elsewhere", manifest)
@@ -141,7 +146,7 @@ def test_a_transfer_aborted_before_its_first_bucket_leaves_the_served_version_as
     ipc.push(ipc.snapshot(weights(10), d), v + 1)  # in GPU memory only: no disk copy to go back to
     before = generate(trainer)
     snapshot = ipc.snapshot(weights(11), d)
-    manifest = [{k: t[k] for k in ("name", "shape", "dtype")} for b in snapshot for t in b.tensors]
+    manifest = manifest_of(snapshot)
     host, gpu = local_gpu("cuda")
     trainer.ipc_abort(trainer.ipc_begin(v + 2, host, gpu, manifest))
     assert same_outputs(before, generate(trainer))  # no 503: nothing had changed
