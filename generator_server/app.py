@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator_server.config import ServerSettings
 from generator_server.engine import GenerationEngine
@@ -53,6 +54,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     app.state.metrics = ServerMetrics()
     app.state.engine = None
     app.state.startup_error = None
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(router)
     app.include_router(protected)
     app.include_router(ipc_router)
@@ -67,3 +69,56 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
         return JSONResponse({"detail": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
 
     return app
+
+
+class BodyLimit:
+    """413 for a request body over ``limit`` bytes (``--max-request-bytes``) before the app reads or parses
+    it: by its Content-Length, or, for a body without one (chunked), by counting it as it arrives (such a
+    body, at most ``limit`` bytes, is then handed on in one piece). ``PUT /weights`` is left alone: it
+    streams gigabytes to its staging file under ``--max-upload-bytes``."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"] == "PUT" and scope["path"] == "/weights"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await JSONResponse({"detail": "invalid Content-Length"}, 400)(scope, receive, send)
+            elif int(length) > self.limit:
+                await self._refuse(scope, receive, send, f"{int(length)} bytes")
+            else:  # the HTTP server delivers no more than Content-Length
+                await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left: nobody to answer
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._refuse(scope, receive, send, f"more than {self.limit} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
+        message = (
+            f"request body of {size} is over this server's limit of {self.limit} bytes "
+            "(--max-request-bytes); split the request"
+        )
+        await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)

@@ -7,6 +7,8 @@ flag can also come from an environment variable ``GENERATOR_<FLAG>`` (a flag giv
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 import sys
 import types
@@ -59,17 +61,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
-    """Settings from flags, then ``GENERATOR_*`` variables, then defaults; exits 2 on invalid values."""
+    """Settings from flags, then ``GENERATOR_*`` variables, then defaults; exits 2 on invalid values, and
+    on a server that would listen beyond loopback without an API key (:func:`unsafe_listen_refusal`)."""
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
     try:
-        return ServerSettings(**flags)
+        settings = ServerSettings(**flags)
     except ValidationError as e:
         problems = "; ".join(
-            f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors()
+            f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+            if err["loc"]
+            else err["msg"]
+            for err in e.errors()
         )
         parser.error(problems)
         raise  # unreachable: parser.error exits
+    refusal = unsafe_listen_refusal(settings)
+    if refusal:
+        parser.error(refusal)
+    return settings
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1); any other name counts as remote."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def unsafe_listen_refusal(settings: ServerSettings) -> str | None:
+    """Why the server must not start as configured (listening beyond loopback with no API key and no
+    explicit consent), or None."""
+    if is_loopback(settings.host) or settings.api_key or settings.allow_unauthenticated_remote:
+        return None
+    return (
+        f"--host {settings.host} listens beyond loopback, and without --api-key anyone who reaches it could "
+        "push weights. Set --api-key KEY (or GENERATOR_API_KEY), or listen on 127.0.0.1, or, to serve "
+        "without a key on purpose, pass --allow-unauthenticated-remote."
+    )
+
+
+def describe_listen(settings: ServerSettings) -> tuple[int, str]:
+    """(log level, line) saying where the server listens and whether it needs a key, logged at start."""
+    scheme = "https" if settings.ssl_certfile else "http"
+    where = f"listening on {scheme}://{settings.host}:{settings.port}"
+    if settings.api_key:
+        return logging.INFO, f"{where}; every endpoint but /health requires the API key"
+    if is_loopback(settings.host):
+        return logging.INFO, f"{where} (loopback only) without an API key"
+    return logging.WARNING, (
+        f"{where} WITHOUT AN API KEY (--allow-unauthenticated-remote): anyone who can reach this port can "
+        "generate and replace the served weights"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +140,15 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=30
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=30,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
     )
+    logging.getLogger("uvicorn.error").log(*describe_listen(settings))  # uvicorn.Config set up its handler
     server = uvicorn.Server(config)
     server.run()
     return 1 if failed else 0

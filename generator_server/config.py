@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
@@ -25,6 +25,16 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(
         None, description="When set, every endpoint but /health requires 'Authorization: Bearer KEY'."
     )
+    allow_unauthenticated_remote: bool = Field(
+        False,
+        description="Listen beyond loopback (a --host other than 127.0.0.1, ::1 or localhost) without an "
+        "--api-key, so anyone who reaches the port may generate and push weights. Without this flag such a "
+        "server refuses to start.",
+    )
+    ssl_certfile: Path | None = Field(
+        None, description="Serve HTTPS with this PEM certificate (chain); goes with --ssl-keyfile."
+    )
+    ssl_keyfile: Path | None = Field(None, description="Private key (PEM) of --ssl-certfile.")
     dtype: DType = Field("auto", description="Dtype the engine computes in (auto = the model's).")
     max_model_len: int | None = Field(
         None, ge=1, description="Context length in tokens, prompt plus completion (default: the model's)."
@@ -47,6 +57,16 @@ class ServerSettings(BaseSettings):
     max_upload_bytes: int = Field(
         64 * 2**30, ge=1, description="Largest PUT /weights body accepted, in bytes (larger: 413)."
     )
+    max_request_bytes: int = Field(
+        16 * 2**20,
+        ge=1,
+        description="Largest body of a JSON request (/generate, /weights/load, /weights/ipc/*), in bytes "
+        "(larger: 413, before it is parsed). PUT /weights has --max-upload-bytes instead.",
+    )
+    max_prompts: int = Field(4096, ge=1, description="Most prompts in one /generate request (more: 413).")
+    max_completions: int = Field(
+        65536, ge=1, description="Most completions (n x prompts) one /generate request asks for (more: 413)."
+    )
     work_dir: Path | None = Field(
         None,
         description="Folder for staged uploads and the pushed weights being served. Unset (auto): a push "
@@ -66,3 +86,9 @@ class ServerSettings(BaseSettings):
         description="Seconds a CUDA IPC weight transfer may go without a bucket before it is aborted.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("give both --ssl-certfile and --ssl-keyfile, or neither")
+        return self

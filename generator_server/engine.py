@@ -172,6 +172,7 @@ class GenerationEngine:
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         m, started, outcome = self.metrics, time.perf_counter(), "error"
         try:
+            self._check_request_size(request)
             if self.incomplete:
                 raise ApiError(503, self.incomplete)
             prompts = await self._prompt_token_ids(request)
@@ -197,6 +198,22 @@ class GenerationEngine:
         m.prompt_tokens.inc(sum(len(ids) for ids in prompts))
         m.generated_tokens.inc(sum(len(c.token_ids) for r in response.results for c in r.completions))
         return response
+
+    def _check_request_size(self, request: GenerateRequest) -> None:
+        """413 for more prompts or completions than this server takes in one request, before tokenizing."""
+        count = len(request.prompts if request.prompts is not None else request.prompt_token_ids)
+        if count > self.settings.max_prompts:
+            raise ApiError(
+                413,
+                f"{count} prompts in one request; this server takes at most {self.settings.max_prompts} "
+                "(--max-prompts): split the batch",
+            )
+        if request.n * count > self.settings.max_completions:
+            raise ApiError(
+                413,
+                f"n={request.n} x {count} prompts = {request.n * count} completions in one request; this "
+                f"server takes at most {self.settings.max_completions} (--max-completions): split the batch",
+            )
 
     async def _prompt_token_ids(self, request: GenerateRequest) -> list[list[int]]:
         """Token ids of every prompt, checked here so that nothing invalid reaches the engine (400)."""

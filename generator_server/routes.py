@@ -51,7 +51,15 @@ def health(request: Request):
     )
 
 
-@protected.post("/generate", response_model=GenerateResponse)
+TOO_LARGE = {
+    413: {
+        "description": "over a limit of the server: a body over --max-request-bytes, more prompts than "
+        "--max-prompts, or n x prompts over --max-completions (the message names the flag)"
+    }
+}
+
+
+@protected.post("/generate", response_model=GenerateResponse, responses=TOO_LARGE)
 async def generate(body: GenerateRequest, engine: Engine):
     return await engine.generate(body)
 

@@ -55,6 +55,8 @@ class GenerateRequest(_Request):
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.stop is not None and any(s == "" for s in self.stop):
             raise ValueError("'stop' strings must not be empty")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError(f"n={self.n} needs temperature > 0 (greedy decoding gives one completion)")
         return self
 
 

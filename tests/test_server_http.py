@@ -139,6 +139,7 @@ def test_401_without_the_api_key(server, method, path, kwargs, authorization):
         ({"prompts": ["a"], "seed": -3}, "seed"),
         ({"prompts": ["a"], "logprobs": "maybe"}, "logprobs"),
         ({"prompts": ["a"], "temprature": 0.5}, "temprature"),
+        ({"prompts": ["a"], "n": 2, "temperature": 0}, "temperature"),
         ({"prompt_token_ids": [[1.5]]}, "prompt_token_ids"),
         ({"prompt_token_ids": [1, 2]}, "prompt_token_ids"),
     ],

@@ -38,26 +38,35 @@ class EvalResult:
         return asdict(self)
 
 
+EVAL_REQUEST_PROMPTS = 1024
+"""Held-out prompts per generate request (the server's --max-prompts defaults to 4096)."""
+
+
 def evaluate(client, task, max_new_tokens: int | None = None) -> EvalResult:
     """Greedy completions of all of ``task.eval_prompts()``, scored by ``task.reward``. ``client`` is a
     :class:`GeneratorClient` or a colocated engine: anything with the server's ``generate``."""
     prompts = task.eval_prompts()
     t0 = time.monotonic()
-    out = client.generate(
-        prompts=prompts,
-        n=1,
-        temperature=0.0,
-        max_tokens=max_new_tokens or task_hint(task, "max_new_tokens") or 64,
-        stop=task_hint(task, "stop"),
-    )
-    completions = [r.completions[0] for r in out.results]
+    completions, versions = [], set()
+    for i in range(0, len(prompts), EVAL_REQUEST_PROMPTS):  # the server refuses huge requests (413)
+        out = client.generate(
+            prompts=prompts[i : i + EVAL_REQUEST_PROMPTS],
+            n=1,
+            temperature=0.0,
+            max_tokens=max_new_tokens or task_hint(task, "max_new_tokens") or 64,
+            stop=task_hint(task, "stop"),
+        )
+        completions += [r.completions[0] for r in out.results]
+        versions.add(out.weights_version)
+    if len(versions) > 1:
+        raise RuntimeError(f"the served weights changed during the evaluation (versions {sorted(versions)})")
     rewards = [float(task.reward(p, c.text)) for p, c in zip(prompts, completions, strict=True)]
     return EvalResult(
         task=task.name,
         prompts=len(prompts),
         mean_reward=sum(rewards) / len(rewards),
         finished=sum(c.finish_reason == "stop" for c in completions) / len(completions),
-        weights_version=out.weights_version,
+        weights_version=versions.pop(),
         seconds=round(time.monotonic() - t0, 3),
     )
 
