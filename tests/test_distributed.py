@@ -270,7 +270,7 @@ def test_resume_with_another_number_of_ranks_fails_fast(two_runs, run_config, tm
 @pytest.mark.parametrize(
     "victim, how, expected",
     [
-        (0, signal.SIGKILL, "rank 1 of 2 lost the other ranks while waiting for rank 0's next command"),
+        (0, signal.SIGKILL, "rank 1 of 2 lost the other ranks while"),  # waiting, or inside a step
         (1, signal.SIGSTOP, "rank 0 of 2 lost the other ranks while"),
     ],
     ids=["rank-0-killed", "rank-1-hangs"],
