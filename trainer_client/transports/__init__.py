@@ -60,8 +60,9 @@ def choose_transport(requested: str, target: PushTarget, device: str) -> str:
     return requested
 
 
-def make_transport(name: str, client: GeneratorClient, config) -> WeightTransport:
-    """The transport called ``name`` (already resolved by :func:`choose_transport`)."""
+def make_transport(name: str, client: GeneratorClient, config=None) -> WeightTransport:
+    """The transport called ``name`` (already resolved by :func:`choose_transport`); ``config`` (a
+    ``TrainConfig``) supplies ``shared_dir`` and ``ipc_bucket_mib``."""
     if name == "http":
         from trainer_client.transports.http import HttpTransport
 
@@ -69,11 +70,13 @@ def make_transport(name: str, client: GeneratorClient, config) -> WeightTranspor
     if name == "shared":
         from trainer_client.transports.shared import SharedFolderTransport
 
+        if not getattr(config, "shared_dir", None):
+            raise TransportError("push: shared needs shared_dir (a folder the server can read)")
         return SharedFolderTransport(client, config.shared_dir, config.shared_dir_on_server)
     if name == "ipc":
         from trainer_client.transports.ipc import IpcTransport
 
-        return IpcTransport(client, bucket_bytes=config.ipc_bucket_mib * 2**20)
+        return IpcTransport(client, bucket_bytes=getattr(config, "ipc_bucket_mib", 1024) * 2**20)
     raise TransportError(f"unknown transport {name!r}; choose one of {TRANSPORTS}")
 
 
