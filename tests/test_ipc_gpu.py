@@ -81,13 +81,16 @@ def test_an_ipc_push_serves_what_the_same_weights_pushed_over_http_serve(trainer
     assert same_outputs(over_http, over_ipc)
 
 
+def begin(trainer, snapshot, version: int, gpu: str | None = None) -> str:
+    """``POST /weights/ipc/begin`` of ``snapshot`` from this host and GPU (or ``gpu``); the session id."""
+    host, here = local_gpu("cuda")
+    return trainer.ipc_begin(version, host, gpu or here, manifest_of(snapshot))
+
+
 def _partial_transfer(trainer, w, d, version) -> str:
     """Begin a transfer of ``version`` and send only its first bucket; returns the session."""
-    ipc = IpcTransport(trainer, bucket_bytes=256 * 1024)
-    snapshot = ipc.snapshot(w, d)
-    manifest = manifest_of(snapshot)
-    host, gpu = local_gpu("cuda")
-    session = trainer.ipc_begin(version, host, gpu, manifest)
+    snapshot = IpcTransport(trainer, bucket_bytes=256 * 1024).snapshot(w, d)
+    session = begin(trainer, snapshot, version)
     trainer.ipc_bucket(session, ipc_handle(snapshot[0].buffer), snapshot[0].tensors)
     return session
 
@@ -124,12 +127,10 @@ def test_a_handle_from_another_gpu_or_a_bad_handle_is_refused(trainer, weights):
     http.push(http.snapshot(weights(8), d), v + 1)
     before = generate(trainer)
     snapshot = IpcTransport(trainer).snapshot(weights(9), d)
-    manifest = manifest_of(snapshot)
-    host, gpu = local_gpu("cuda")
     with pytest.raises(GeneratorHTTPError, match="another GPU|lives on GPU|GPU-elsewhere") as e:
-        trainer.ipc_begin(v + 2, host, "GPU-elsewhere", manifest)
+        begin(trainer, snapshot, v + 2, gpu="GPU-elsewhere")
     assert e.value.status_code == 400
-    session = trainer.ipc_begin(v + 2, host, gpu, manifest)
+    session = begin(trainer, snapshot, v + 2)
     bad = ipc_handle(snapshot[0].buffer)
     bad["storage_handle"] = "AAAA" + bad["storage_handle"][4:]
     with pytest.raises(GeneratorHTTPError) as e:
@@ -146,7 +147,5 @@ def test_a_transfer_aborted_before_its_first_bucket_leaves_the_served_version_as
     ipc.push(ipc.snapshot(weights(10), d), v + 1)  # in GPU memory only: no disk copy to go back to
     before = generate(trainer)
     snapshot = ipc.snapshot(weights(11), d)
-    manifest = manifest_of(snapshot)
-    host, gpu = local_gpu("cuda")
-    trainer.ipc_abort(trainer.ipc_begin(v + 2, host, gpu, manifest))
+    trainer.ipc_abort(begin(trainer, snapshot, v + 2))
     assert same_outputs(before, generate(trainer))  # no 503: nothing had changed

@@ -47,10 +47,10 @@ class HttpTransport:
         self._hasher = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="push-sha256")
 
     def snapshot(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]) -> HttpSnapshot:
-        specs = {
-            name: (safetensors_dtype(served_dtype(tensors[name], served)), tuple(tensors[name].shape))
-            for name, served in dtypes.items()
-        }
+        specs = {}
+        for name, served in dtypes.items():
+            t = tensors[name]  # read once here (a sharded learner gathers on reading)
+            specs[name] = (safetensors_dtype(served_dtype(t, served)), tuple(t.shape))
         head, order = safetensors_layout(specs)  # known before any copy: the body's order is the copy order
         digest = ChunkedSha256(self._hasher)
         digest.add(head)
