@@ -25,8 +25,10 @@ thread, as if generator and trainer had a device each. Prints a markdown table a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,7 +54,7 @@ from bench.common import (  # noqa: E402
 QUICK = dict(size="tiny", steps=20, batch_size=8, samples_per_prompt=4, max_new_tokens=48, enforce_eager=True)
 
 
-def summarise(records: list[dict], skip: int) -> dict:
+def summarise(records: list[dict], skip: int, completions_per_step: int) -> dict:
     rs = records[skip:]
     wall = mean(r["wall_seconds"] for r in rs)
     g = mean(r["gen_seconds"] for r in rs)
@@ -63,6 +65,7 @@ def summarise(records: list[dict], skip: int) -> dict:
         "gen_per_step": g,
         "train_per_step": t,
         "push_per_step": mean(r["push_seconds"] for r in rs),
+        "gen_tokens_per_second": mean(r["completion_tokens"] * completions_per_step for r in rs) / g,
         "trainer_idle_per_step": mean(r["wait_seconds"] for r in rs),
         "generator_idle_per_step": max(0.0, wall - g),
         "overlap_per_step": mean(r["overlap_seconds"] for r in rs),
@@ -92,6 +95,15 @@ def main(argv: list[str] | None = None) -> None:
         "--push", default="auto", help="weight transport(s), comma-separated: auto, http, shared, ipc"
     )
     parser.add_argument(
+        "--sweep", default=None, metavar="KEY=V1,V2",
+        help="one more trainer config key to vary, e.g. --sweep precision=bf16,fp32 (runs multiply)",
+    )  # fmt: skip
+    parser.add_argument("--replicas", type=int, default=1, help="generation servers, all on this machine")
+    parser.add_argument(
+        "--server-arg", dest="server_args", action="append", default=[], metavar="FLAG",
+        help="one more server flag, e.g. --server-arg=--ipc-load=direct (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="any other trainer config key, e.g. --set precision=bf16 (repeatable)",
     )  # fmt: skip
@@ -120,20 +132,32 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         seed=args.seed,
         checkpoint_root=work / "async_vs_sync" / "shared",
+        extra=tuple(args.server_args),
     )
     staleness_values = [int(s) for s in args.staleness.split(",")]
     transports = args.push.split(",")
+    if args.sweep:  # each (push, sweep value) pair is one row group, labelled "push key=value"
+        key, values = args.sweep.split("=", 1)
+        variants = [(f"{p} {key}={v}", p, [f"{key}={v}"]) for p in transports for v in values.split(",")]
+    else:
+        variants = [(p, p, []) for p in transports]
     by_transport: dict[str, dict[int, dict]] = {}
-    with running_server(model_dir, options, work / "async_vs_sync" / "server.log") as server:
+    with contextlib.ExitStack() as servers:
+        urls = [
+            servers.enter_context(
+                running_server(model_dir, options, work / "async_vs_sync" / f"server-{i}.log")
+            ).url
+            for i in range(args.replicas)
+        ]
         if args.trainer_cpus:  # after the server started: its processes keep the default affinity
             os.sched_setaffinity(0, {int(c) for c in args.trainer_cpus.split(",")})
         if args.trainer_threads:
             torch.set_num_threads(args.trainer_threads)
-        for push, staleness in [(p, st) for p in transports for st in staleness_values]:
-            out_dir = work / "async_vs_sync" / f"{push}-staleness-{staleness}"
+        for (label, push, extra), staleness in [(v, st) for v in variants for st in staleness_values]:
+            out_dir = work / "async_vs_sync" / f"{label.replace(' ', '-')}-staleness-{staleness}"
             config = TrainConfig(
                 model=str(model_dir),
-                server_url=server.url,
+                server_url=urls if len(urls) > 1 else urls[0],
                 task=str(task),
                 reward="length",
                 steps=args.steps,
@@ -148,14 +172,16 @@ def main(argv: list[str] | None = None) -> None:
                 progress_bar=False,
                 push=push,
                 shared_dir=str(work / "async_vs_sync" / "shared") if push == "shared" else None,
-                **dict(parse_override(item) for item in args.overrides),
+                **dict(parse_override(item) for item in args.overrides + extra),
             )
-            print(f"push={push} max_staleness={staleness}: {args.steps} steps ...", flush=True)
+            print(f"push={label} max_staleness={staleness}: {args.steps} steps ...", flush=True)
             started = time.perf_counter()
             summary = run_training(config)
             records = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines()]
-            by_transport.setdefault(push, {})[staleness] = {
-                **summarise(records, args.skip),
+            for folder in out_dir.glob("checkpoint-*"):  # 13 GB for a 1.1B policy with AdamW: not needed
+                shutil.rmtree(folder)
+            by_transport.setdefault(label, {})[staleness] = {
+                **summarise(records, args.skip, args.batch_size * args.samples_per_prompt),
                 "total_seconds": time.perf_counter() - started,
                 "metrics_path": summary["metrics_path"],
             }
@@ -163,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     headers = ["push", "max_staleness", "wall s/step", "gen g s/step", "train t s/step", "push s/step"]
     headers += ["trainer idle s/step", "generator idle s/step", "gen hidden s/step", "wall / max(g, t)"]
+    headers += ["gen tokens/s"]
     results: dict = {"runs": {}}
     for push, runs in by_transport.items():
         for staleness, r in runs.items():
@@ -170,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(
                 [push, staleness, r["wall_per_step"], r["gen_per_step"], r["train_per_step"]]
                 + [r["push_per_step"], r["trainer_idle_per_step"], r["generator_idle_per_step"]]
-                + [r["overlap_per_step"], r["wall_per_step"] / bound]
+                + [r["overlap_per_step"], r["wall_per_step"] / bound, r["gen_tokens_per_second"]]
             )
         summary: dict = {"runs": {str(k): v for k, v in runs.items()}}
         if 0 in runs and 1 in runs:
@@ -187,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = describe_machine()
     machine["load_average_1m"] = os.getloadavg()[0]
     print()
-    print(f"Online DPO, {args.size} model, {args.steps} steps (first {args.skip} not averaged), batch "
+    print(f"Online DPO, {args.size} model, {args.replicas} server(s), {args.steps} steps (first {args.skip} "
+          f"not averaged), batch "
           f"{args.batch_size} x K={args.samples_per_prompt}, {args.max_new_tokens} new tokens; "
           f"{machine_line(machine)}; load average {machine['load_average_1m']:.1f}")  # fmt: skip
     print()

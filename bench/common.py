@@ -216,9 +216,11 @@ class ServerOptions:
     max_upload_bytes: int | None = None
     work_dir: Path | None = None
     seed: int = 0
+    extra: tuple[str, ...] = ()
+    """Any other server flags, as given on its command line."""
 
     def flags(self) -> list[str]:
-        flags = ["--dtype", self.dtype, "--seed", str(self.seed)]
+        flags = ["--dtype", self.dtype, "--seed", str(self.seed), *self.extra]
         if self.enforce_eager:
             flags.append("--enforce-eager")
         if self.gpu_memory_utilization is not None and has_cuda():

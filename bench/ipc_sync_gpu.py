@@ -30,8 +30,10 @@ from bench.common import (
     write_results,
 )
 
+PHASES = ("begin", "load", "wait", "finish")
 
-def measure(size: str, rounds: int, bucket_mib: int, work_dir: Path) -> dict:
+
+def measure(size: str, rounds: int, bucket_mib: int, work_dir: Path, ipc_load: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -40,9 +42,10 @@ def measure(size: str, rounds: int, bucket_mib: int, work_dir: Path) -> dict:
 
     model_dir = build_model(size, "bfloat16", work_dir / "models")
     options = ServerOptions(
-        dtype="bfloat16", gpu_memory_utilization=0.35, max_model_len=512, enforce_eager=True
-    )
-    log = work_dir / "logs" / f"ipc-{size}.log"
+        dtype="bfloat16", gpu_memory_utilization=0.35, max_model_len=512, enforce_eager=True,
+        extra=("--ipc-load", ipc_load),
+    )  # fmt: skip
+    log = work_dir / "logs" / f"ipc-{size}-{ipc_load}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with running_server(model_dir, options, log) as server, GeneratorClient(server.url) as client:
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to("cuda")
@@ -68,12 +71,15 @@ def measure(size: str, rounds: int, bucket_mib: int, work_dir: Path) -> dict:
             t3 = time.perf_counter()
             del snapshot
             if r:
-                rows.append(dict(d2d=t1 - t0, snapshot=t2 - t1, push=t3 - t2, load=out["load_seconds"]))
+                phases = {f"server_{k}": v for k, v in (out.get("phase_seconds") or {}).items()}
+                times = dict(d2d=t1 - t0, snapshot=t2 - t1, push=t3 - t2, load=out["load_seconds"])
+                rows.append({**times, **phases})
         assert client.health().weights_version == version
         del policy, state, src, dst
         torch.cuda.empty_cache()
     return {
         "size": size,
+        "ipc_load": ipc_load,
         "params": count_params(SIZES[size]),
         "bytes": nbytes,
         "buckets": -(-nbytes // (bucket_mib * 2**20)),
@@ -87,6 +93,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["0.5b", "1b", "3b"], choices=list(SIZES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bucket-mib", type=int, default=1024)
+    parser.add_argument(
+        "--ipc-load", nargs="+", default=["layerwise"], choices=["layerwise", "direct"],
+        help="the server's --ipc-load, one server per value",
+    )  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="one size (0.5b), 2 rounds")
@@ -94,12 +104,19 @@ def main() -> None:
     if args.quick:
         args.sizes, args.rounds = ["0.5b"], 2
     machine = describe_machine()
-    results = [measure(size, args.rounds, args.bucket_mib, args.work_dir) for size in args.sizes]
-    headers = ["model", "GB (bf16)", "buckets", "snapshot s", "push s", "server pause-to-resume s",
-               "d2d copy s", "push GB/s"]  # fmt: skip
+    results = [
+        measure(size, args.rounds, args.bucket_mib, args.work_dir, mode)
+        for size in args.sizes
+        for mode in args.ipc_load
+    ]
+    headers = ["model", "GB (bf16)", "buckets", "--ipc-load", "snapshot s", "push s",
+               "server pause-to-resume s", "of which begin / load / wait / finish s", "d2d copy s",
+               "push GB/s"]  # fmt: skip
     rows = [
-        [f"{r['size']} ({human_params(r['params'])})", r["bytes"] / 1e9, r["buckets"], r["median_snapshot"],
-         r["median_push"], r["median_load"], r["median_d2d"], r["bytes"] / 1e9 / r["median_push"]]
+        [f"{r['size']} ({human_params(r['params'])})", r["bytes"] / 1e9, r["buckets"], r["ipc_load"],
+         r["median_snapshot"], r["median_push"], r["median_load"],
+         " / ".join(f"{r.get(f'median_server_{k}', float('nan')):.3f}" for k in PHASES),
+         r["median_d2d"], r["bytes"] / 1e9 / r["median_push"]]
         for r in results
     ]  # fmt: skip
     print(f"## CUDA IPC weight sync, {machine_line(machine)}\n")

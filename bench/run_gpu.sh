@@ -5,6 +5,7 @@
 #   bash bench/run_gpu.sh 3        # weight push for 0.1b, 0.5b, 1b (about 5-7 minutes)
 #   bash bench/run_gpu.sh ipc      # CUDA IPC weight sync for 0.5b, 1b, 3b (about 5 minutes)
 #   bash bench/run_gpu.sh sync     # every transport (ipc, http, shared) against its floor, 0.25b model
+#   bash bench/run_gpu.sh torchrun # the 1.13B run as one process and under torchrun (1 rank, NCCL, FSDP2)
 #   bash bench/run_gpu.sh tests    # the server's test suite against the CUDA engine
 #   bash bench/run_gpu.sh learn-server learn-colocate   # the 308M-parameter demo in both modes
 #   bash bench/run_gpu.sh learn-server-2gpu    # server mode with the server on GPU 1, trainer on GPU 0
@@ -61,8 +62,9 @@ for b in "$@"; do
     3) name=weight_push ;;
     ipc) name=ipc_sync_gpu ;;
     sync) name=weight_sync ;;
+    torchrun) name=torchrun_step ;;
     tests|learn-server|learn-server-2gpu|learn-colocate) name=$b ;;
-    *) echo "unknown benchmark '$b' (choose 1, 2, 3, ipc, sync, tests, learn-server, learn-server-2gpu or learn-colocate)"
+    *) echo "unknown benchmark '$b' (choose 1, 2, 3, ipc, sync, torchrun, tests, learn-server, learn-server-2gpu or learn-colocate)"
        exit 2 ;;
   esac
   case $b in
@@ -71,6 +73,10 @@ for b in "$@"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_server_http.py tests/test_server_generation.py \
         tests/test_server_concurrency.py tests/test_server_units.py tests/test_transports.py tests/test_ipc_gpu.py > "$DEST/tests.log" 2>&1
       rc=$?; tail -n 40 "$DEST/tests.log"
+      # the IPC tests again against a server that loads IPC buckets straight into its parameters
+      GENERATOR_IPC_LOAD=direct python3 -m pytest -q -p no:cacheprovider tests/test_ipc_gpu.py \
+        > "$DEST/tests-ipc-direct.log" 2>&1
+      rc2=$?; tail -n 5 "$DEST/tests-ipc-direct.log"; [ $rc2 -ne 0 ] && rc=$rc2
       echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
       continue ;;
     learn-server|learn-server-2gpu|learn-colocate)

@@ -85,6 +85,14 @@ class ServerSettings(BaseSettings):
         gt=0,
         description="Seconds a CUDA IPC weight transfer may go without a bucket before it is aborted.",
     )
+    ipc_load: Literal["auto", "layerwise", "direct"] = Field(
+        "auto",
+        description="How a CUDA IPC transfer enters the model: 'layerwise' (vLLM's layerwise reload, right "
+        "for every model: a layer's weights are processed once it is complete), 'direct' (each tensor "
+        "copied straight into the engine's parameter through the model's weight loaders: half the pause, "
+        "but only right for unquantized models whose loaded weights need no processing) or 'auto' (direct "
+        "for the unquantized architectures checked on a GPU, LlamaForCausalLM; else layerwise).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
     @model_validator(mode="after")

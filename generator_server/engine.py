@@ -60,6 +60,11 @@ def host_id() -> str:
         return socket.gethostname()
 
 
+DIRECT_LOAD = {"LlamaForCausalLM"}
+"""Architectures whose CUDA IPC pushes ``--ipc-load auto`` loads straight into the parameters: checked on a
+GPU to serve exactly what the same weights pushed over HTTP serve (tests/test_ipc_gpu.py)."""
+
+
 class Swap:
     """What :meth:`GenerationEngine.swap` yields: timing, and work to do once the new version is served."""
 
@@ -103,6 +108,8 @@ class GenerationEngine:
         metrics.weight_loads_waiting.set_function(lambda: self._weights_lock.writers_waiting)
         self._reload_mutex = asyncio.Lock()
         self._llm = None
+        self.ipc_layerwise = True
+        """Whether CUDA IPC transfers go through vLLM's layerwise reload (``--ipc-load``)."""
 
     @classmethod
     async def start(cls, settings: ServerSettings, metrics: ServerMetrics) -> GenerationEngine:
@@ -150,6 +157,14 @@ class GenerationEngine:
             self.served_dtype = str(model_config.dtype).removeprefix("torch.")
             self.vllm_version: str = vllm.__version__
             self.device: str = current_platform.device_type
+            if s.ipc_load == "direct" and model_config.quantization is not None:
+                raise ValueError(
+                    f"--ipc-load direct is for unquantized models; this one is {model_config.quantization}-"
+                    "quantized: use --ipc-load layerwise"
+                )
+            architectures = set(model_config.architectures or [])
+            direct_ok = model_config.quantization is None and architectures and architectures <= DIRECT_LOAD
+            self.ipc_layerwise = s.ipc_load == "layerwise" or (s.ipc_load == "auto" and not direct_ok)
             tied = getattr(model_config.hf_text_config, "tie_word_embeddings", False)
             if tied and TIED_HEAD not in self.expected and EMBEDDING in self.expected:
                 self.optional[TIED_HEAD] = self.expected[EMBEDDING]

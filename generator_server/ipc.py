@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -125,7 +126,11 @@ class IpcReceiver:
                 # vLLM's layerwise reload puts back the weights of every layer that received nothing, so
                 # until the first bucket is loaded a failed session leaves the version served untouched
                 swap.touched = False
-                await llm.collective_rpc("receiver_begin")
+                phases = dict.fromkeys(("begin", "wait", "load", "finish"), 0.0)
+                clock = time.perf_counter()
+                layerwise = self.engine.ipc_layerwise
+                await llm.collective_rpc("receiver_begin", kwargs={"layerwise": layerwise})
+                clock = _lap(phases, "begin", clock)
                 try:
                     while True:
                         try:
@@ -135,13 +140,16 @@ class IpcReceiver:
                                 408, f"IPC transfer of version {session.version}: nothing arrived for "
                                 f"{session.timeout:.0f} s; aborted",
                             ) from None  # fmt: skip
+                        clock = _lap(phases, "wait", clock)  # for the sender's next bucket
                         if isinstance(item, _End):
                             break
                         swap.touched = True
                         await self._load(session, item)
+                        clock = _lap(phases, "load", clock)
                 finally:
                     if not await _finish(llm):
                         swap.touched = True
+                    _lap(phases, "finish", clock)
                 if not item.commit:
                     raise ApiError(409, f"IPC transfer of version {session.version} aborted by the sender")
                 missing = sorted(set(session.manifest) - session.received)
@@ -151,11 +159,16 @@ class IpcReceiver:
                         f"commit before every tensor arrived: {len(missing)} missing, e.g. {missing[0]!r}",
                     )
             session.result = WeightsUpdate(
-                weights_version=session.version, bytes=_nbytes(session.manifest), load_seconds=swap.seconds
+                weights_version=session.version,
+                bytes=_nbytes(session.manifest),
+                load_seconds=swap.seconds,
+                phase_seconds=phases,
             )
             log.info(
-                "serving weights version %d (CUDA IPC, swapped in %.3f s)", session.version, swap.seconds
-            )
+                "serving weights version %d (CUDA IPC, %s load, swapped in %.3f s: %s)",
+                session.version, "layerwise" if self.engine.ipc_layerwise else "direct", swap.seconds,
+                ", ".join(f"{k} {v:.3f}" for k, v in phases.items()),
+            )  # fmt: skip
         finally:
             self.sessions.pop(session.id, None)
             _fail_pending(session)
@@ -187,6 +200,12 @@ async def _finish(llm) -> bool:
         log.exception("ending the IPC reload failed")
         return False
     return True
+
+
+def _lap(phases: dict[str, float], phase: str, since: float) -> float:
+    now = time.perf_counter()
+    phases[phase] += now - since
+    return now
 
 
 def _log_failure(task: asyncio.Task) -> None:

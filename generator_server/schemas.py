@@ -108,6 +108,8 @@ class WeightsUpdate(BaseModel):
     """Bytes of safetensors received (PUT) or read (load)."""
     load_seconds: float
     """Seconds the engine was paused for the swap (staging and validation not included)."""
+    phase_seconds: dict[str, float] | None = None
+    """Where ``load_seconds`` went, for transfers that report it (CUDA IPC: begin, load, wait, finish)."""
 
 
 # --- /weights/ipc: CUDA IPC transfer sessions ---------------------------------------------------------------

@@ -26,10 +26,16 @@ class WeightReceiver:
             return None
         return str(torch.cuda.get_device_properties(device).uuid)
 
-    def receiver_begin(self) -> None:
+    def receiver_begin(self, layerwise: bool = True) -> None:
         """Start an in-place reload: vLLM's layerwise reload where it exists (it redoes any kernel-specific
-        processing of the weights once a layer is complete), else plain loads into the parameters."""
+        processing of the weights once a layer is complete), else plain loads into the parameters.
+        ``layerwise=False`` (``--ipc-load direct``) always loads straight into the parameters: right only
+        for a model whose loaded weights need no processing (unquantized, on CUDA), and faster: layerwise
+        reload rebuilds every layer on the side and copies it back."""
         model = self.model_runner.get_model()
+        if not layerwise:
+            self._receiver_layerwise = False
+            return
         try:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
         except ImportError:

@@ -162,3 +162,30 @@ def test_a_bucket_that_does_not_match_is_refused_with_the_reason(tensors, nbytes
     with pytest.raises(ApiError, match=message) as e:
         _check_bucket(session(), bucket(tensors, nbytes))
     assert e.value.status_code == 400
+
+
+def test_an_http_snapshot_of_a_sharded_learner_gathers_each_bucket_once_and_sends_the_same_body():
+    from trainer_client.distributed import FullTensors
+    from trainer_client.transports.http import HttpTransport
+
+    g = torch.Generator().manual_seed(0)
+    full = {f"model.layers.{i}.w": torch.randn(3, 5, generator=g) for i in range(12)}  # 10 sorts before 2
+    full["lm_head.weight"] = torch.randn(7, 5, generator=g)
+    names = list(full)
+    buckets = [names[i : i + 4] for i in range(0, len(names), 4)]  # the learner's order, not the body's
+    fetched = []
+
+    def fetch(bucket: list[str]) -> dict[str, torch.Tensor]:
+        fetched.append(bucket)
+        return {n: full[n] for n in bucket}
+
+    dtypes = dict.fromkeys(sorted(names), "bfloat16")  # the server's order
+    transport = HttpTransport(client=None)
+    try:
+        sharded = transport.snapshot(FullTensors(buckets, fetch), dtypes)
+        plain = transport.snapshot(full, dtypes)
+        assert fetched == buckets  # one gather per bucket, in order
+        assert b"".join(sharded.body.chunks()) == b"".join(plain.body.chunks())
+        assert sharded.digest.result() == plain.digest.result()
+    finally:
+        transport.close()

@@ -100,6 +100,7 @@ class WeightsUpdate(BaseModel):
     weights_version: int
     bytes: int | None = None
     load_seconds: float | None = None
+    phase_seconds: dict[str, float] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -193,6 +193,9 @@ class FullTensors(Mapping):
     another bucket is read. So a push or a checkpoint holds one bucket of full tensors at a time, never the
     whole model; a reader that takes the names in the buckets' order gathers each bucket once."""
 
+    gathers_on_read = True
+    """Readers that can choose their order take the names in iteration order (the buckets' order)."""
+
     def __init__(self, buckets: list[list[str]], fetch: Callable[[list[str]], dict[str, torch.Tensor]]):
         self.buckets, self.fetch = buckets, fetch
         self.where = {name: b for b, names in enumerate(buckets) for name in names}
@@ -205,6 +208,9 @@ class FullTensors(Mapping):
             self.bucket, self.tensors = None, {}  # let the previous bucket go before gathering the next
             self.tensors, self.bucket = self.fetch(self.buckets[b]), b
         return self.tensors[name]
+
+    def __contains__(self, name: object) -> bool:  # (Mapping's own would read, so gather, the tensor)
+        return name in self.where
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)

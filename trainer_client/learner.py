@@ -215,6 +215,12 @@ class Learner:
     # ------------------------------------------------------------------------------------------------------
     # The DPO step
     # ------------------------------------------------------------------------------------------------------
+    def memory_metrics(self) -> dict:
+        """Peak GPU memory of this process so far (on a GPU; nothing on the CPU)."""
+        if torch.device(self.device).type != "cuda":
+            return {}
+        return {"gpu_peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)}
+
     def train_step(self, samples: GenerationBatch, pairs: list[tuple[int, int, int]]) -> StepStats:
         """One optimizer step of the DPO loss over ``pairs`` [(prompt b, chosen k, rejected k)] of
         ``samples``, in micro-batches of ``micro_batch_size`` pairs. Without pairs no parameter has a

@@ -287,6 +287,7 @@ def run_training(
                     "wall_seconds": round(train_end - step_end, 4),
                 }
                 | replica_metrics(samples, offset)  # several generation replicas: what each did
+                | learner.memory_metrics()
             )
             pusher.submit(step, weights, record)
             metrics.add(record)

@@ -47,21 +47,38 @@ class HttpTransport:
         self._hasher = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="push-sha256")
 
     def snapshot(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]) -> HttpSnapshot:
-        specs = {}
-        for name, served in dtypes.items():
-            t = tensors[name]  # read once here (a sharded learner gathers on reading)
-            specs[name] = (safetensors_dtype(served_dtype(t, served)), tuple(t.shape))
-        head, order = safetensors_layout(specs)  # known before any copy: the body's order is the copy order
         digest = ChunkedSha256(self._hasher)
-        digest.add(head)
-        copies = {}
-        for name in order:
-            copies[name] = host_snapshot({name: tensors[name]}, {name: dtypes[name]})[name].contiguous()
-            digest.add(tensor_bytes(copies[name]))  # hashes the chunks this copy completes
+        if getattr(tensors, "gathers_on_read", False):
+            # A sharded learner's tensors (distributed.FullTensors): each read of another bucket gathers it
+            # on every rank, so read once, in the buckets' order, and hash once everything is copied.
+            names = [n for n in tensors if n in dtypes] + [n for n in dtypes if n not in tensors]
+            copies = {name: self._copy(tensors, name, dtypes[name]) for name in names}
+            head, order = safetensors_layout(
+                {n: (safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in copies.items()}
+            )
+            digest.add(head)
+            for name in order:
+                digest.add(tensor_bytes(copies[name]))
+        else:
+            specs = {}
+            for name, served in dtypes.items():
+                t = tensors[name]
+                specs[name] = (safetensors_dtype(served_dtype(t, served)), tuple(t.shape))
+            # the layout is known before any copy, so the chunks are hashed while the next tensors copy
+            head, order = safetensors_layout(specs)
+            digest.add(head)
+            copies = {}
+            for name in order:
+                copies[name] = self._copy(tensors, name, dtypes[name])
+                digest.add(tensor_bytes(copies[name]))  # hashes the chunks this copy completes
         digest.close()
         body = SafetensorsBody(copies)  # views of the same memory the threads hash
         assert body.head == head and body.order == order
         return HttpSnapshot(body, digest)
+
+    @staticmethod
+    def _copy(tensors: Mapping[str, torch.Tensor], name: str, served: str) -> torch.Tensor:
+        return host_snapshot({name: tensors[name]}, {name: served})[name].contiguous()
 
     def push(self, snapshot: HttpSnapshot | Mapping[str, torch.Tensor], version: int) -> dict:
         try:

@@ -1,0 +1,150 @@
+"""The same online DPO run launched as one process and under ``torchrun`` (FSDP2), against one server.
+
+Starts one generation server, then runs ``trainer-client train`` as a child process twice with one config:
+plainly (``python -m trainer_client train``) and with ``torchrun --nproc-per-node N -m trainer_client
+train`` (each rank takes its share of a step's pairs, FSDP2 per decoder layer; NCCL on a GPU, gloo on the
+CPU). From each run's ``metrics.jsonl``, after the first ``--skip`` steps: wall, generation g, trainer t and
+push seconds per step, as in ``bench/async_vs_sync.py``; plus the final held-out-free loss and each run's
+peak GPU memory (rank 0) as the trainer logs it.
+
+    PYTHONPATH=$PWD python bench/torchrun_step.py --size 1b --nproc 1 --set precision=bf16
+    PYTHONPATH=$PWD python bench/torchrun_step.py --quick          # CPU check: tiny model, 2 ranks, gloo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.async_vs_sync import summarise  # noqa: E402
+from bench.common import (  # noqa: E402
+    SIZES,
+    ServerOptions,
+    add_common_args,
+    build_model,
+    describe_machine,
+    has_cuda,
+    machine_line,
+    markdown_table,
+    parse_args,
+    resolve_dtype,
+    running_server,
+    write_results,
+)
+
+QUICK = dict(size="tiny", steps=4, skip=1, nproc=2, batch_size=8, max_new_tokens=32, enforce_eager=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="1b", choices=list(SIZES), help="model size (bench/common.py)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks of the torchrun run")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    parser.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="K")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="completion length limit")
+    parser.add_argument("--staleness", type=int, default=1, help="max_staleness of both runs")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="server's share of the GPU")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="any other trainer config key, e.g. --set precision=bf16 (repeatable)",
+    )  # fmt: skip
+    add_common_args(parser)
+    args = parse_args(parser, QUICK, argv)
+
+    from trainer_client.config import parse_override
+
+    device = "cuda" if has_cuda() else "cpu"
+    work = args.work_dir / "torchrun_step"
+    model_dir = build_model(args.size, "float32", args.work_dir / "models")
+    task = work / "prompts.jsonl"
+    task.parent.mkdir(parents=True, exist_ok=True)
+    task.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(512)))
+    options = ServerOptions(
+        dtype=resolve_dtype(args.dtype),
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+    )
+    launchers = {
+        "1 process": [sys.executable, "-m", "trainer_client"],
+        f"torchrun x{args.nproc}": [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+            "-m", "trainer_client",
+        ],
+    }  # fmt: skip
+    runs = {}
+    root = str(Path(__file__).resolve().parents[1])  # the children import trainer_client from here
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    with running_server(model_dir, options, work / "server.log") as server:
+        for name, launcher in launchers.items():
+            out_dir = work / name.replace(" ", "-")
+            config = dict(
+                model=str(model_dir), server_url=server.url, task=str(task), reward="length",
+                steps=args.steps, batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt,
+                max_new_tokens=args.max_new_tokens, learning_rate=1e-5, max_staleness=args.staleness,
+                device=device, output_dir=str(out_dir), seed=args.seed, progress_bar=False,
+                **dict(parse_override(item) for item in args.overrides),
+            )  # fmt: skip
+            config_path = work / f"{out_dir.name}.yaml"
+            config_path.write_text(yaml.safe_dump(config))
+            print(f"{name}: {args.steps} steps ...", flush=True)
+            started = time.perf_counter()
+            with open(work / f"{out_dir.name}.log", "w") as log:
+                rc = subprocess.run(
+                    [*launcher, "train", "--config", str(config_path)], stdout=log, stderr=subprocess.STDOUT,
+                    env=env, timeout=3600,
+                ).returncode  # fmt: skip
+            seconds = time.perf_counter() - started
+            if rc != 0:
+                print(f"  exit {rc}; last lines of {log.name}:", flush=True)
+                print("".join(Path(log.name).read_text().splitlines(keepends=True)[-30:]))
+                runs[name] = {"exit_code": rc, "total_seconds": seconds}
+                continue
+            records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+            for folder in out_dir.glob("checkpoint-*"):  # 13 GB for a 1.1B policy with AdamW: not needed
+                shutil.rmtree(folder)
+            runs[name] = {
+                **summarise(records, args.skip, args.batch_size * args.samples_per_prompt),
+                "final_loss": records[-1].get("loss"),
+                "peak_gpu_gib": max((r.get("gpu_peak_gib") or 0.0) for r in records) or None,
+                "exit_code": 0,
+                "total_seconds": seconds,
+            }
+
+    headers = ["launcher", "wall s/step", "gen g s/step", "train t s/step", "push s/step", "final loss"]
+    headers += ["run s (with start-up)"]
+    rows = [
+        [name, r.get("wall_per_step"), r.get("gen_per_step"), r.get("train_per_step"), r.get("push_per_step"),
+         r.get("final_loss"), r["total_seconds"]] if r["exit_code"] == 0 else [name, f"exit {r['exit_code']}",
+         "", "", "", "", r["total_seconds"]]
+        for name, r in runs.items()
+    ]  # fmt: skip
+    machine = describe_machine()
+    print()
+    print(f"Online DPO, {args.size} model, {args.steps} steps (first {args.skip} not averaged), batch "
+          f"{args.batch_size} x K={args.samples_per_prompt}, max_staleness {args.staleness}; "
+          f"{machine_line(machine)}")  # fmt: skip
+    print()
+    print(markdown_table(headers, rows))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_results(args.out or args.work_dir / "torchrun_step.json", "torchrun_step", machine, settings, runs)
+    sys.exit(0 if all(r["exit_code"] == 0 for r in runs.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
