@@ -12,13 +12,18 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator_server.config import ServerSettings
 from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
 from generator_server.metrics import ServerMetrics
+from generator_server.openai_api import attach as attach_openai_api
+from generator_server.openai_api import starting as openai_starting
 from generator_server.routes import protected, router
 from generator_server.routes_ipc import router as ipc_router
 
@@ -32,7 +37,16 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     async def lifespan(app: FastAPI):
         async def start_engine() -> None:
             try:
-                app.state.engine = await GenerationEngine.start(settings, app.state.metrics)
+                engine = await GenerationEngine.start(settings, app.state.metrics)
+                try:
+                    await attach_openai_api(app, engine, settings)
+                except Exception as e:  # /generate and the reloads do not need them: serve without
+                    log.exception("the OpenAI-compatible /v1 endpoints could not start")
+                    app.state.openai_error = f"{type(e).__name__}: {e}"
+                except BaseException:
+                    engine.shutdown()
+                    raise
+                app.state.engine = engine
             except Exception as e:
                 log.exception("the engine could not start")
                 app.state.startup_error = f"{type(e).__name__}: {e}"
@@ -54,14 +68,26 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     app.state.metrics = ServerMetrics()
     app.state.engine = None
     app.state.startup_error = None
+    app.state.openai_error = None
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(router)
     app.include_router(protected)
+    app.include_router(openai_starting)  # 503 until the engine is up, then the OpenAI-compatible routes
     app.include_router(ipc_router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse({"detail": error.message}, status_code=error.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 405:  # Starlette's Allow names only the first route of the path
+            routes = [r for r in request.app.routes if isinstance(r, Route) and r.methods]
+            path = next((r.path for r in routes if r.path_regex.match(request.url.path)), None)
+            allowed = sorted({m for r in routes if r.path == path for m in r.methods})
+            if allowed:
+                error.headers = {**(error.headers or {}), "Allow": ", ".join(allowed)}
+        return await http_exception_handler(request, error)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

@@ -20,6 +20,11 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENERATOR_", extra="forbid", protected_namespaces=())
 
     model: str = Field(description="Hugging Face model folder (config, tokenizer, safetensors) to serve.")
+    served_model_name: str | None = Field(
+        None,
+        description="Name of the model on the OpenAI-compatible /v1 endpoints (what clients send as "
+        "'model'); default: --model as given.",
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     api_key: str | None = Field(

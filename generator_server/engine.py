@@ -180,6 +180,11 @@ class GenerationEngine:
         self.store.close()
 
     @property
+    def llm(self):
+        """The running ``AsyncLLM`` (vLLM's engine client), for vLLM's OpenAI serving layer."""
+        return self._llm
+
+    @property
     def ready(self) -> bool:
         return self._llm is not None and self.broken is None and not self._llm.errored
 
@@ -213,6 +218,17 @@ class GenerationEngine:
         m.prompt_tokens.inc(sum(len(ids) for ids in prompts))
         m.generated_tokens.inc(sum(len(c.token_ids) for r in response.results for c in r.completions))
         return response
+
+    @asynccontextmanager
+    async def weights_held(self) -> AsyncIterator[int]:
+        """Hold the served weights (the read lock, as ``/generate`` does) inside the block and yield their
+        version: a reload waits for the block to end, so what runs inside sees one version only."""
+        if self.incomplete:
+            raise ApiError(503, self.incomplete)
+        async with self._weights_lock.read():
+            if self.incomplete:  # a transfer failed while this request waited for the lock
+                raise ApiError(503, self.incomplete)
+            yield self.version
 
     def _check_request_size(self, request: GenerateRequest) -> None:
         """413 for more prompts or completions than this server takes in one request, before tokenizing."""

@@ -14,6 +14,11 @@ from importlib import resources
 from pathlib import Path
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""A plain "role: content" chat template, so the OpenAI chat endpoint works on the tiny model."""
 
 
 @dataclass
@@ -49,9 +54,11 @@ def train_bpe_tokenizer(text: str, vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(text.splitlines(), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def save_llama(out: Path, tokenizer, spec: TinyModelSpec, dtype: str = "float32") -> Path:

@@ -83,9 +83,31 @@ class TrainConfig(BaseModel):
 
     # --- data and reward ---------------------------------------------------------------------------------
     task: str = "arithmetic"
-    """A built-in task name or the path of a JSONL file of {"prompt": ..., "answer": ...} rows."""
-    reward: str = "task"
-    """`task` (the task's own reward), `length`, or a folder of a sequence-classification reward model."""
+    """A built-in task name (`arithmetic`), or rows of data: a JSONL, JSON, Parquet or CSV file, a folder of
+    them (its files' names give the splits: train.parquet, test.parquet), or a Hub dataset `owner/name` or
+    `owner/name:config` (needs a network). Each row holds a text prompt or a list of chat messages, and
+    optionally an answer (the `*_field` keys name the columns). All but JSONL files need `datasets`."""
+    prompt_field: str = Field("prompt", min_length=1)
+    """Column of a row's prompt text."""
+    messages_field: str = Field("messages", min_length=1)
+    """Column of a row's chat messages ([{"role": ..., "content": ...}]), used where it is not null: rendered
+    with the policy tokenizer's chat template and a generation prompt, as the server's
+    /v1/chat/completions renders them (a model without a chat template cannot take such rows)."""
+    answer_field: str = Field("answer", min_length=1)
+    """Column of a row's answer, for `reward: task` (exact match of the completion's first line)."""
+    eval_split: str | None = None
+    """Split of the dataset held out for evaluation (e.g. `test`); default: the rows whose `split` column
+    is `eval`, else the last `eval_fraction` of the rows."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Fraction of the rows held out when there is no eval split (rounded down; none held out: the
+    evaluation uses the training rows)."""
+    reward: str | list[str] = "task"
+    """`task` (the task's own reward), `length`, a folder of a sequence-classification reward model, or
+    `package.module:function`, a batch function `(prompts, completions, **row_fields) -> list[float]` that
+    gets the rows' columns by name (importable from the working directory or PYTHONPATH); or a list of
+    these, summed with `reward_weights`."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward of the `reward` list in their sum; default: 1 each."""
     missing_eos_penalty: float = Field(0.0, ge=0)
     """Subtracted from the reward of a completion that did not finish (hit `max_new_tokens`)."""
 
@@ -157,6 +179,9 @@ class TrainConfig(BaseModel):
     """Save a checkpoint every N steps (0 = only at the end; the end is always saved)."""
     log_every: int = Field(0, ge=0)
     """Also print a metrics line to the console every N steps (0 = progress bar only)."""
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Also log the metrics.jsonl keys to TensorBoard (event files under `output_dir`/tensorboard; needs the
+    `tensorboard` package) and/or Weights & Biases (needs `wandb`; its WANDB_* variables apply)."""
     progress_bar: bool = True
     """Show a tqdm progress bar with live reward, loss and step time."""
     seed: int = 0
@@ -178,12 +203,29 @@ class TrainConfig(BaseModel):
         """`server_url` as a list (one URL or several replicas)."""
         return [self.server_url] if isinstance(self.server_url, str) else list(self.server_url)
 
+    @property
+    def reward_names(self) -> list[str]:
+        """`reward` as a list."""
+        return [self.reward] if isinstance(self.reward, str) else list(self.reward)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_sink_or_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.push == "shared" and not self.shared_dir:
             raise ValueError("push: shared needs shared_dir (a folder the server can read)")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        rewards = self.reward_names
+        if not rewards:
+            raise ValueError("reward: the list is empty")
+        if self.reward_weights is not None and len(self.reward_weights) != len(rewards):
+            raise ValueError(
+                f"reward_weights: {len(self.reward_weights)} weights for {len(rewards)} rewards {rewards}"
+            )
         return self
 
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from trainer_client.client import GeneratorClient, GeneratorError
-from trainer_client.tasks import load_task, task_hint
+from trainer_client.tasks import TASKS, load_task, task_hint
 
 
 @dataclass
@@ -100,7 +100,9 @@ EVAL_COLUMNS = [
 # --- command line --------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder; without --server-url a server is started for it")
-    parser.add_argument("--task", default="arithmetic", help="built-in task name or JSONL file")
+    parser.add_argument(
+        "--task", default="arithmetic", help="built-in task name, data file or folder (train's `task`)"
+    )
     parser.add_argument("--server-url", help="evaluate what this running server serves now")
     parser.add_argument(
         "--api-key", default=os.environ.get("GENERATOR_API_KEY"),
@@ -145,6 +147,15 @@ def _evaluate_as_asked(args: argparse.Namespace, task) -> tuple[EvalResult, str]
         raise _CannotStart(str(e)) from e
 
 
+def _tokenizer(args: argparse.Namespace):
+    """The model's tokenizer, which renders a dataset's chat rows with its chat template."""
+    if not args.model or args.task in TASKS:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.model)
+
+
 def run(args: argparse.Namespace) -> int:
     """Greedy held-out accuracy / mean reward of a model, as a table (or JSON)."""
     if not args.model and not args.server_url:
@@ -154,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: --colocate evaluates --model DIR in this process: drop --server-url", file=sys.stderr)
         return 2
     try:
-        task = load_task(args.task)
+        task = load_task(args.task, tokenizer=_tokenizer(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,14 +43,14 @@ from trainer_client.client import Completion
 from trainer_client.config import TrainConfig
 from trainer_client.dpo import apply_missing_eos_penalty, build_pairs
 from trainer_client.learner import Learner, NotFiniteError, StepStats
+from trainer_client.metrics_log import METRICS_FILE, MetricsLog
 from trainer_client.replicas import replica_metrics
 from trainer_client.rewards import build_reward
-from trainer_client.tasks import load_task, task_hint
+from trainer_client.tasks import DataFields, load_task, task_hint
 from trainer_client.workers import Batch, Producer, Pusher
 
-__all__ = ["IncompatibleServerError", "NotFiniteError", "run_training"]
+__all__ = ["METRICS_FILE", "IncompatibleServerError", "NotFiniteError", "run_training"]
 log = logging.getLogger("trainer_client")
-METRICS_FILE = "metrics.jsonl"
 
 
 class IncompatibleServerError(RuntimeError):
@@ -95,31 +95,6 @@ def check_compatible(
 # ----------------------------------------------------------------------------------------------------------
 # Scores and metrics
 # ----------------------------------------------------------------------------------------------------------
-class MetricsFile:
-    """``metrics.jsonl``: one line per step, in step order, each written once its version is served (the line
-    carries its push time). A fresh run starts the file anew; a resumed run keeps the lines up to its step."""
-
-    def __init__(self, path: Path, resumed_at: int | None):
-        kept = []
-        if resumed_at is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_at]
-        path.write_text("".join(ln + "\n" for ln in kept))
-        self.path, self.pending = path, []
-        self.file = path.open("a")
-
-    def add(self, record: dict) -> None:
-        self.pending.append(record)
-
-    def flush(self, served: int) -> None:
-        """Write the lines of steps up to policy version ``served``."""
-        while self.pending and self.pending[0]["step"] <= served:
-            self.file.write(json.dumps(self.pending.pop(0)) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 @dataclass
 class Scored:
     """A batch's B*K samples (prompt-major), their rewards and the preference pairs built from them."""
@@ -204,12 +179,14 @@ def run_training(
             raise ValueError(
                 f"checkpoint {resume} is at step {start_step}; nothing left to do for steps={c.steps}"
             )
-        task = load_task(c.task)
-        reward_fn = build_reward(c.reward, task, device=learner.device)
+        fields = DataFields(c.prompt_field, c.messages_field, c.answer_field, c.eval_split, c.eval_fraction)
+        task = load_task(c.task, fields, tokenizer=learner.tokenizer)  # (chat rows: the policy's template)
+        reward_fn = build_reward(c.reward, task, device=learner.device, weights=c.reward_weights)
         sampling = sampling_params(c, task)
         out = Path(c.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsFile(out / METRICS_FILE, resumed_at=start_step if resume else None)
+        resumed_at = start_step if resume else None  # metrics.jsonl, then the report_to sinks
+        metrics = MetricsLog(out, c.report_to, resumed_at, config=c.model_dump())
         cleanup.callback(metrics.close)
         if backend is None:
             backend = make_backend(c)

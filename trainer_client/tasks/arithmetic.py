@@ -80,6 +80,10 @@ class ArithmeticTask:
     def rewards(self, prompts: list[str], completions: list[str]) -> list[float]:
         return [exact_match_reward(p, c) for p, c in zip(prompts, completions, strict=True)]
 
+    def row_fields(self, prompts: list[str]) -> dict[str, list]:
+        """The right sum of each prompt, as ``answer``, for reward functions."""
+        return {"answer": [answer(p) for p in prompts]}
+
     @staticmethod
     def target(prompt: str) -> str:
         """The supervised target for the starter's warm-up."""
