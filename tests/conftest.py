@@ -8,6 +8,7 @@ assume which weights an earlier test left behind.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,10 @@ import httpx
 import pytest
 import torch
 from server_process import ServerHandle, running_server
+
+# Engines the tests build in this process (colocated mode) take vLLM's CPU KV cache from this variable (GiB);
+# the default would reserve several. Set here so that `python -m pytest -q` works as the README prints it.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 API_KEY = "test-key"
 TRANSFER_TIMEOUT = 5.0

@@ -1,4 +1,7 @@
-"""docker compose without a Docker engine (none runs here): everything that can be checked, checked for real.
+"""docker compose without a Docker engine: everything that can be checked without one, checked for real.
+
+The images and the `cpu` profile on a real engine are services/smoke.sh's job (CI runs it after the tests,
+docs/COMPOSE.md "Running it for real"); these tests need no engine and run everywhere.
 
 1. ``compose.yaml`` is valid against the Compose Specification's JSON schema, as written and as
    interpolated from ``.env.example``. The schema is the official ``compose-spec.json`` (Apache-2.0) in the
@@ -12,7 +15,7 @@
 5. The real run: the CPU pair's entrypoint commands (the ENTRYPOINT of their Dockerfile targets) and the
    generator's healthcheck command (compose.yaml) run here as processes, with the environment the
    containers get (image ENV, then compose ``environment`` interpolated from ``.env.example``). Emulated,
-   as Docker would provide them: volumes and configs become temporary folders and files, image paths
+   as Docker would provide them: volumes become temporary folders, bind mounts their files, image paths
    (/opt/venv, the home folder) this virtualenv and a temporary folder, the service name in URLs
    127.0.0.1. Changed, and said so: the server listens on 127.0.0.1 and a free port instead of 0.0.0.0:8000,
    the CPU KV cache is 1 GiB, the training run is 2 short steps (extra arguments, as with
@@ -255,19 +258,36 @@ def env_value(value) -> str:
     return "" if value is None else str(value)
 
 
+def mounts(spec: dict) -> list[tuple[str, str]]:
+    """``(source, target)`` of a service's ``volumes``, short (``source:target[:mode]``) or long form."""
+    out = []
+    for volume in spec.get("volumes", []):
+        if isinstance(volume, dict):
+            out.append((volume["source"], volume["target"]))
+        else:
+            source, target = volume.split(":")[:2]
+            out.append((source, target))
+    return out
+
+
+def config_file(compose: dict, service: str) -> Path:
+    """The trainer config file on the host that ``service`` mounts at TRAINER_CONFIG (a bind mount)."""
+    spec = compose["services"][service]
+    target = spec["environment"]["TRAINER_CONFIG"]
+    (source,) = [s for s, t in mounts(spec) if t == target]
+    return (ROOT / source).resolve()
+
+
 def container_paths(compose: dict, service: str, image: Image, tmp: Path) -> dict[str, Path]:
-    """Container path -> local path: volumes, configs, the image's virtualenv and the user's home."""
+    """Container path -> local path: volumes and bind mounts, the image's virtualenv and the user's home."""
     spec = compose["services"][service]
     paths: dict[str, Path] = {}
-    for volume in spec.get("volumes", []):
-        source, target = volume.split(":")[:2]
+    for source, target in mounts(spec):
         if source.startswith((".", "/")):
             paths[target] = (ROOT / source).resolve()
         else:
             assert source in compose["volumes"], f"{service}: volume {source} is not declared"
             paths[target] = tmp / "volumes" / source
-    for config in spec.get("configs", []):
-        paths[config["target"]] = (ROOT / compose["configs"][config["source"]]["file"]).resolve()
     if "VIRTUAL_ENV" in image.env:
         paths[image.env["VIRTUAL_ENV"]] = Path(sys.prefix)
     paths.setdefault(image.env["HOME"], tmp / "home")
@@ -418,8 +438,9 @@ def test_trainer_config_with_the_entrypoint_overrides_validates(service):
     from trainer_client.config import load_config
 
     compose = load_compose(example_env())
-    (config,) = compose["services"][service]["configs"]
-    path = ROOT / compose["configs"][config["source"]]["file"]
+    path = config_file(compose, service)
+    variant = "cpu" if service.endswith("-cpu") else "gpu"
+    assert path == ROOT / "services" / "trainer" / f"config.{variant}.yaml"
     env = compose["services"][service]["environment"]
     overrides = [
         f"model={env['MODEL']}",
@@ -706,7 +727,7 @@ def test_replicas_override_adds_a_second_generator_that_the_trainer_uses(tmp_pat
     fake = bin_dir / "trainer-client"  # records its arguments instead of training
     fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done >>"$CALLS"\necho ---- >>"$CALLS"\n')
     fake.chmod(0o755)
-    config_path = ROOT / merged["configs"]["trainer-gpu"]["file"]
+    config_path = config_file(merged, "trainer")
     run_env = {
         **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "MODEL": str(model),
         "GENERATOR_URL": url, "TRAINER_CONFIG": str(config_path), "RUN_DIR": str(tmp_path / "run"),
@@ -728,3 +749,36 @@ def test_replicas_override_adds_a_second_generator_that_the_trainer_uses(tmp_pat
     assert done.returncode == 0, done.stderr
     train = calls.read_text().split("----")[0].strip().splitlines()
     assert 'server_url="http://generator:8000"' in train
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compose v1 and the host-network override that services/smoke.sh runs the cpu profile with
+# ----------------------------------------------------------------------------------------------------------
+HOST_NETWORK_FILE = ROOT / "services" / "compose.host-network.yaml"
+
+
+def test_compose_file_uses_nothing_that_compose_v1_rejects_or_ignores():
+    """docker-compose 1.29 refuses a top-level ``name`` and ignores ``configs`` outside a swarm (the trainer
+    would silently run the config baked into its image); smoke.sh runs ``docker-compose config`` for real."""
+    for data in (load_compose(), yaml.safe_load(REPLICAS_FILE.read_text())):
+        assert {k for k in data if not k.startswith("x-")} <= {"services", "volumes"}
+        assert not [name for name, service in data["services"].items() if "configs" in service]
+    assert read_dotenv(ENV_EXAMPLE)["COMPOSE_PROJECT_NAME"] == "online-dpo"
+
+
+def test_host_network_override_keeps_the_server_on_loopback_and_the_trainer_pointed_at_it():
+    env = example_env(GENERATOR_HOST_PORT="8123")
+    written = yaml.safe_load(HOST_NETWORK_FILE.read_text())
+    validator = compose_schema_validator()
+    for data in (written, interpolate(written, env)):
+        assert not [f"{e.json_path}: {e.message}" for e in validator.iter_errors(data)]
+    merged = merge_compose(load_compose(env), interpolate(written, env))
+    assert set(written["services"]) == {"generator-cpu", "trainer-cpu"}  # the cpu profile only
+    services = merged["services"]
+    for name in ("generator-cpu", "trainer-cpu"):
+        assert services[name]["network_mode"] == "host" and services[name]["build"]["network"] == "host"
+        assert services[name]["build"]["args"] == {"VARIANT": "cpu"}  # build args stay compose.yaml's
+    generator = services["generator-cpu"]["environment"]
+    assert generator["GENERATOR_HOST"] == "127.0.0.1" and generator["GENERATOR_PORT"] == "8123"
+    assert services["trainer-cpu"]["environment"]["GENERATOR_URL"] == "http://127.0.0.1:8123"
+    assert selected_services(merged, ["cpu"], env) == {"generator-cpu", "trainer-cpu"}
