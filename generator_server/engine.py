@@ -32,6 +32,7 @@ from generator_server.schemas import (
     GenerateResponse,
     PromptResult,
     TensorSpec,
+    WeightsDigest,
     WeightsSpec,
     WeightsUpdate,
 )
@@ -313,6 +314,16 @@ class GenerationEngine:
             host_id=self.host_id,
             gpu_uuid=self.gpu_uuid,
         )
+
+    async def weights_digest(self) -> WeightsDigest:
+        """SHA-256 of every weight the engine holds now, read from the engine itself (see
+        ``WeightReceiver.digest_weights``), with the version it serves; a reload waits until it is done."""
+        async with self._weights_lock.read():
+            if self.incomplete:
+                raise ApiError(503, self.incomplete)
+            version = self.version
+            per_worker = await self._llm.collective_rpc("digest_weights")
+        return WeightsDigest(weights_version=version, dtype=self.served_dtype, tensors=per_worker[0])
 
     @property
     def transports(self) -> list[str]:

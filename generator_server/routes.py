@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -17,12 +18,15 @@ from generator_server.schemas import (
     GenerateResponse,
     HealthResponse,
     LoadWeightsRequest,
+    WeightsDigest,
     WeightsSpec,
     WeightsUpdate,
 )
 
+UNAUTHORIZED = {401: {"description": "missing or wrong API key (the server runs with --api-key)"}}
+NOT_READY = {503: {"description": "the engine is starting, broken, or holds no whole version (reason given)"}}
 router = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+protected = APIRouter(dependencies=[Depends(require_api_key)], responses={**UNAUTHORIZED, **NOT_READY})
 
 
 def get_engine(request: Request) -> GenerationEngine:
@@ -57,9 +61,49 @@ TOO_LARGE = {
         "--max-prompts, or n x prompts over --max-completions (the message names the flag)"
     }
 }
+STALE = {409: {"description": "the version is not greater than the one served (nothing was changed)"}}
+BAD_PROMPT = {
+    400: {
+        "description": "a prompt is empty, too long for the context, or has token ids outside the "
+        "vocabulary; or the sampling parameters are refused by the engine"
+    }
+}
+BAD_WEIGHTS = {
+    400: {
+        "description": "the weights were refused before the engine was touched: not safetensors, "
+        "truncated, a digest that does not match, tensors or shapes not those of the served model, a "
+        "malformed digest header or Content-Length, or the client left before the whole body arrived"
+    }
+}
+UPLOAD_TOO_LARGE = {413: {"description": "body over --max-upload-bytes"}}
+NO_ROOM = {507: {"description": "the server's work folder is full: the upload was refused, nothing changed"}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "One safetensors file holding every tensor of the served model (names and shapes "
+        "as GET /weights lists them; floating dtypes may differ, the engine casts).",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+LOAD_REFUSED = {
+    **BAD_WEIGHTS,
+    403: {"description": "the server has no --checkpoint-root, or the path lies outside it"},
+    404: {"description": "no such path under the checkpoint root"},
+    **STALE,
+    413: {"description": "body over --max-request-bytes"},
+}
+# Documented only: a malformed digest header is a 400 whose message gives the form (not FastAPI's 422).
+SHA256_FORM = {"pattern": "^[0-9a-fA-F]{64}$"}
+CHUNKED_SHA256_FORM = {"pattern": "^[0-9]{7,10}:[0-9a-fA-F]{64}$"}
+METRICS = {
+    200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}},
+    }
+}
 
 
-@protected.post("/generate", response_model=GenerateResponse, responses=TOO_LARGE)
+@protected.post("/generate", response_model=GenerateResponse, responses={**BAD_PROMPT, **TOO_LARGE})
 async def generate(body: GenerateRequest, engine: Engine):
     return await engine.generate(body)
 
@@ -69,18 +113,34 @@ def weights_spec(engine: Engine):
     return engine.weights_spec()
 
 
-@protected.put("/weights", response_model=WeightsUpdate)
+@protected.get("/weights/digest", response_model=WeightsDigest)
+async def weights_digest(engine: Engine):
+    """SHA-256 of each weight as the engine holds it now (read from the engine, not from a file), and the
+    version served: a client can check that the served weights are exactly those it pushed. Costs about
+    one pass over the weights (on the CPU, one small GEMM per linear layer); reloads wait for it."""
+    return await engine.weights_digest()
+
+
+@protected.put(
+    "/weights",
+    response_model=WeightsUpdate,
+    responses={**BAD_WEIGHTS, **STALE, **UPLOAD_TOO_LARGE, **NO_ROOM},
+    openapi_extra=UPLOAD_BODY,
+)
 async def put_weights(
     request: Request,
     version: Annotated[int, Query(ge=0, description="New weights version; must exceed the current one.")],
     engine: Engine,
-    x_weights_sha256: Annotated[str | None, Header(description="SHA-256 of the body, hex.")] = None,
+    x_weights_sha256: Annotated[
+        str | None, Header(description="SHA-256 of the body, hex.", json_schema_extra=SHA256_FORM)
+    ] = None,
     x_weights_chunked_sha256: Annotated[
         str | None,
         Header(
             description="'<chunk_bytes>:<hex>': SHA-256 of the concatenated SHA-256 digests of the body's "
             "consecutive chunk_bytes chunks (the last may be shorter); chunk_bytes a power of two from "
-            "1 MiB to 1 GiB. Hashed in parallel; may go with X-Weights-SHA256 (both are checked)."
+            "1 MiB to 1 GiB. Hashed in parallel; may go with X-Weights-SHA256 (both are checked).",
+            json_schema_extra=CHUNKED_SHA256_FORM,
         ),
     ] = None,
 ):
@@ -95,10 +155,17 @@ async def put_weights(
         )
     except ClientDisconnect as e:
         raise ApiError(400, "the client disconnected before the whole body arrived") from e
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise ApiError(
+            507, f"no room for the upload in the server's work folder ({e.strerror}); nothing was changed: "
+            "free space there or give the server a larger --work-dir",
+        ) from e  # fmt: skip
     return await engine.update_weights(staged, size, version, source="upload")
 
 
-@protected.post("/weights/load", response_model=WeightsUpdate)
+@protected.post("/weights/load", response_model=WeightsUpdate, responses=LOAD_REFUSED)
 async def load_weights(body: LoadWeightsRequest, request: Request, engine: Engine):
     engine.check_version(body.version)
     source = engine.store.resolve_checkpoint(body.path, request.app.state.settings.checkpoint_root)
@@ -106,6 +173,6 @@ async def load_weights(body: LoadWeightsRequest, request: Request, engine: Engin
     return await engine.update_weights(staged, size, body.version, source="disk")
 
 
-@protected.get("/metrics")
+@protected.get("/metrics", response_class=Response, responses=METRICS)
 def metrics(request: Request):
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

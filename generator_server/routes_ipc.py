@@ -23,6 +23,7 @@ ERRORS = {
     400: {"description": "refused: another host or GPU, a tensor that does not match, a bad handle"},
     404: {"description": "no such open session"},
     409: {"description": "stale version, or the session ended"},
+    413: {"description": "body over --max-request-bytes"},
 }
 
 

@@ -1,17 +1,28 @@
 """Request and response bodies of the HTTP contract (see README.md, "API").
 
-Requests forbid unknown fields, so a misspelt option is a 422 naming the field rather than silently ignored.
+Requests forbid unknown fields, so a misspelt option is a 422 naming the field rather than silently ignored,
+and are strict: ``"5"`` or ``true`` for an integer, or ``1`` for a boolean, is a 422 too (``5.0`` is an
+integer, as in JSON Schema).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _integral(value: object) -> object:
+    """JSON Schema's integers include ``5.0``; strict pydantic would refuse it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+"""An integer of a request: ``5`` or ``5.0``, never ``"5"``, ``true`` or ``5.5``."""
 
 
 # --- /health ----------------------------------------------------------------------------------------------
@@ -24,24 +35,46 @@ class HealthResponse(BaseModel):
 
 
 # --- /generate --------------------------------------------------------------------------------------------
+EXACTLY_ONE_PROMPT_FORM = {
+    "oneOf": [
+        {
+            "required": ["prompts"],
+            "properties": {"prompts": {"type": "array"}, "prompt_token_ids": {"type": "null"}},
+        },
+        {
+            "required": ["prompt_token_ids"],
+            "properties": {"prompt_token_ids": {"type": "array"}, "prompts": {"type": "null"}},
+        },
+    ]
+}
+"""The schema's words for "exactly one of ``prompts`` or ``prompt_token_ids``" (the other absent or null)."""
+
+
 class GenerateRequest(_Request):
-    """A batch of prompts, sampled with the same parameters; all go to the engine at once."""
+    """A batch of prompts, sampled with the same parameters; all go to the engine at once.
+
+    Rules across fields (422 when broken, as every schema violation): exactly one of ``prompts`` and
+    ``prompt_token_ids``; ``min_tokens <= max_tokens``; ``n == 1`` when ``temperature`` is 0."""
+
+    model_config = ConfigDict(json_schema_extra=EXACTLY_ONE_PROMPT_FORM)
 
     prompts: list[str] | None = Field(None, min_length=1, description="Prompts as text (tokenized here).")
-    prompt_token_ids: list[list[int]] | None = Field(
+    prompt_token_ids: list[list[Int]] | None = Field(
         None, min_length=1, description="Prompts as token ids (exclusive with prompts)."
     )
-    n: int = Field(1, ge=1, le=1024, description="Completions per prompt.")
-    max_tokens: int = Field(64, ge=1, description="Most tokens generated per completion.")
+    n: Int = Field(1, ge=1, le=1024, description="Completions per prompt.")
+    max_tokens: Int = Field(64, ge=1, description="Most tokens generated per completion.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 = off.")
-    top_k: int = Field(-1, ge=-1, description="Sample among the k likeliest tokens; -1 (or 0) = off.")
-    min_tokens: int = Field(0, ge=0, description="Tokens generated before EOS or a stop string may end.")
-    stop: list[str] | None = Field(None, description="Strings that end a completion (not included).")
-    seed: int | None = Field(
+    top_k: Int = Field(-1, ge=-1, description="Sample among the k likeliest tokens; -1 (or 0) = off.")
+    min_tokens: Int = Field(0, ge=0, description="Tokens generated before EOS or a stop string may end.")
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Strings that end a completion (not included)."
+    )
+    # Bounds on the integer, not on the union (they would not reach the JSON Schema there); lt=2**63, not
+    # le=2**63 - 1, which JSON Schema validators read as a float (2**63).
+    seed: Annotated[int, Field(ge=0, lt=2**63), BeforeValidator(_integral)] | None = Field(
         None,
-        ge=0,
-        le=2**63 - 1,
         description="Sampling seed (prompt i uses seed + i): same seed, same completions.",
     )
     logprobs: bool = Field(False, description="Return the raw log-probability of every generated token.")
@@ -53,8 +86,6 @@ class GenerateRequest(_Request):
             raise ValueError("give exactly one of 'prompts' or 'prompt_token_ids'")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.stop is not None and any(s == "" for s in self.stop):
-            raise ValueError("'stop' strings must not be empty")
         if self.temperature == 0 and self.n > 1:
             raise ValueError(f"n={self.n} needs temperature > 0 (greedy decoding gives one completion)")
         return self
@@ -97,9 +128,19 @@ class WeightsSpec(BaseModel):
     """UUID of the GPU the engine runs on (null on CPU): a CUDA IPC sender's buffers must live there."""
 
 
+class WeightsDigest(BaseModel):
+    weights_version: int
+    """The version served while the digests were taken."""
+    dtype: str
+    """The dtype the engine holds the weights in (a pushed file is cast to it on load)."""
+    tensors: dict[str, str]
+    """Parameter name as vLLM names it (``qkv_proj`` = q, k, v stacked on dim 0; ``gate_up_proj`` = gate,
+    up) -> SHA-256 (hex) of its raw bytes in ``dtype``, row-major; from the engine's first worker."""
+
+
 class LoadWeightsRequest(_Request):
     path: str = Field(min_length=1, description="A .safetensors file or a folder of them, on the server.")
-    version: int = Field(ge=0, description="New weights version; must exceed the current one.")
+    version: Int = Field(ge=0, description="New weights version; must exceed the current one.")
 
 
 class WeightsUpdate(BaseModel):
@@ -115,14 +156,14 @@ class WeightsUpdate(BaseModel):
 # --- /weights/ipc: CUDA IPC transfer sessions ---------------------------------------------------------------
 class IpcTensor(_Request):
     name: str
-    shape: list[int] = Field(description="Shape of the tensor.")
+    shape: list[Int] = Field(description="Shape of the tensor.")
     dtype: str = Field(description="torch dtype name, e.g. 'bfloat16'.")
 
 
 class IpcBeginRequest(_Request):
     """Open a transfer of one whole version: every tensor it will hold, checked before generation stops."""
 
-    version: int = Field(ge=0, description="New weights version; must exceed the current one.")
+    version: Int = Field(ge=0, description="New weights version; must exceed the current one.")
     host_id: str = Field(description="The sender's host identity (its kernel boot id); must be the server's.")
     gpu_uuid: str = Field(description="UUID of the GPU the buffers live on; must be the server's.")
     tensors: list[IpcTensor] = Field(min_length=1, description="Every tensor of the version.")
@@ -139,18 +180,18 @@ class IpcHandle(_Request):
     fields are base64."""
 
     storage_handle: str
-    storage_size_bytes: int = Field(ge=0)
-    storage_offset_bytes: int = Field(ge=0)
-    tensor_offset: int = Field(ge=0)
-    nbytes: int = Field(ge=1, description="Bytes of the buffer.")
+    storage_size_bytes: Int = Field(ge=0)
+    storage_offset_bytes: Int = Field(ge=0)
+    tensor_offset: Int = Field(ge=0)
+    nbytes: Int = Field(ge=1, description="Bytes of the buffer.")
     ref_counter_handle: str
-    ref_counter_offset: int = Field(ge=0)
+    ref_counter_offset: Int = Field(ge=0)
     event_handle: str | None = None
     event_sync_required: bool = False
 
 
 class IpcBucketTensor(IpcTensor):
-    offset: int = Field(ge=0, description="Byte offset of the tensor in the buffer.")
+    offset: Int = Field(ge=0, description="Byte offset of the tensor in the buffer.")
 
 
 class IpcBucketRequest(_Request):

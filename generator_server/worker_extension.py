@@ -8,6 +8,7 @@ never unpickled.
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import torch
 
@@ -25,6 +26,24 @@ class WeightReceiver:
         if device is None or getattr(device, "type", None) != "cuda":
             return None
         return str(torch.cuda.get_device_properties(device).uuid)
+
+    def digest_weights(self) -> dict[str, str]:
+        """SHA-256 of the raw bytes (row-major, the served dtype) of every weight this worker's model holds:
+        parameter name -> hex digest. Parameters are named as vLLM names them (q, k and v stacked into
+        ``qkv_proj``, gate and up into ``gate_up_proj``). On the CPU, vLLM packs a linear layer's weight
+        for oneDNN and empties the parameter; that weight is read back exactly through the layer's own
+        GEMM, from the identity matrix (``I @ W.T = W.T``, no rounding: every sum has one nonzero term)."""
+        digests = {}
+        for module_name, module in self.model_runner.get_model().named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                tensor = param.detach()
+                if tensor.numel() == 0 and name == "weight" and hasattr(module, "cpu_linear"):
+                    tensor = _unpacked_linear_weight(module, tensor.dtype)
+                if tensor.numel() == 0 or tensor.is_meta:
+                    continue
+                raw = tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+                digests[f"{module_name}.{name}" if module_name else name] = hashlib.sha256(raw).hexdigest()
+        return digests
 
     def receiver_begin(self, layerwise: bool = True) -> None:
         """Start an in-place reload: vLLM's layerwise reload where it exists (it redoes any kernel-specific
@@ -78,3 +97,11 @@ class WeightReceiver:
 
             finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
         self._receiver_layerwise = False
+
+
+@torch.no_grad()
+def _unpacked_linear_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight of a CPU linear layer whose parameter vLLM emptied after packing it."""
+    size_in = getattr(module, "input_size_per_partition", None) or module.input_size
+    identity = torch.eye(size_in, dtype=dtype)
+    return module.cpu_linear(identity, module.weight, None).t().to(dtype)  # (in, out) -> (out, in)
