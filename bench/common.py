@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -268,6 +269,10 @@ def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
 def _running(cmd: list[str], url: str, log_path: Path, ready_path: str, timeout: float):
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # The child has a session of its own (a Ctrl-C here does not reach it), so a benchmark ended by SIGTERM
+    # (`timeout`, a scheduler) must stop it itself: a server left running holds its share of the GPU.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True
@@ -289,6 +294,10 @@ def _running(cmd: list[str], url: str, log_path: Path, ready_path: str, timeout:
         yield RunningProcess(url, proc, log_path, time.perf_counter() - started)
     finally:
         _stop(proc)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds the `with` blocks, which stop their processes
 
 
 @contextlib.contextmanager
