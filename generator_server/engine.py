@@ -198,10 +198,7 @@ class GenerationEngine:
                 raise ApiError(503, self.incomplete)
             prompts = await self._prompt_token_ids(request)
             params = [self._sampling_params(request, i) for i in range(len(prompts))]
-            async with self._weights_lock.read():
-                if self.incomplete:  # a transfer failed while this request waited for the lock
-                    raise ApiError(503, self.incomplete)
-                version = self.version
+            async with self.weights_held() as version:
                 jobs = [self._generate_one(ids, p) for ids, p in zip(prompts, params, strict=True)]
                 outputs = await _all_or_nothing(jobs)
             response = GenerateResponse(
@@ -318,10 +315,7 @@ class GenerationEngine:
     async def weights_digest(self) -> WeightsDigest:
         """SHA-256 of every weight the engine holds now, read from the engine itself (see
         ``WeightReceiver.digest_weights``), with the version it serves; a reload waits until it is done."""
-        async with self._weights_lock.read():
-            if self.incomplete:
-                raise ApiError(503, self.incomplete)
-            version = self.version
+        async with self.weights_held() as version:
             per_worker = await self._llm.collective_rpc("digest_weights")
         return WeightsDigest(weights_version=version, dtype=self.served_dtype, tensors=per_worker[0])
 
