@@ -74,6 +74,33 @@ def summarise(records: list[dict], skip: int, completions_per_step: int) -> dict
     }
 
 
+def write_prompts(path: Path) -> Path:
+    """The runs' task: 512 counting prompts as JSONL (scored by completion length)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(512)))
+    return path
+
+
+def run_config(args, model_dir: Path, server_url, task: Path, out_dir: Path, overrides: list[str]) -> dict:
+    """The trainer config of one benchmark run (TrainConfig's keys), from the shared flags and ``--set``s."""
+    from trainer_client.config import parse_override
+
+    return dict(
+        model=str(model_dir), server_url=server_url, task=str(task), reward="length", steps=args.steps,
+        batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
+        device="cuda" if has_cuda() else "cpu", output_dir=str(out_dir), seed=args.seed, progress_bar=False,
+        **dict(parse_override(item) for item in overrides),
+    )  # fmt: skip
+
+
+def read_run(out_dir: Path) -> list[dict]:
+    """A finished run's metrics lines; its checkpoints are deleted (13 GB for a 1.1B policy with AdamW)."""
+    for folder in out_dir.glob("checkpoint-*"):
+        shutil.rmtree(folder)
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -115,16 +142,14 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # after argument parsing: --help stays fast
 
-    from trainer_client.config import TrainConfig, parse_override
+    from trainer_client.config import TrainConfig
     from trainer_client.train import run_training
 
     dtype = resolve_dtype(args.dtype)
     device = "cuda" if has_cuda() else "cpu"
     work = args.work_dir
     model_dir = build_model(args.size, "float32", work / "models")  # the trainer's policy is fp32
-    task = work / "async_vs_sync" / "prompts.jsonl"
-    task.parent.mkdir(parents=True, exist_ok=True)
-    task.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(512)))
+    task = write_prompts(work / "async_vs_sync" / "prompts.jsonl")
     options = ServerOptions(
         dtype=dtype,
         enforce_eager=args.enforce_eager,
@@ -155,31 +180,17 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.trainer_threads)
         for (label, push, extra), staleness in [(v, st) for v in variants for st in staleness_values]:
             out_dir = work / "async_vs_sync" / f"{label.replace(' ', '-')}-staleness-{staleness}"
+            url = urls if len(urls) > 1 else urls[0]
             config = TrainConfig(
-                model=str(model_dir),
-                server_url=urls if len(urls) > 1 else urls[0],
-                task=str(task),
-                reward="length",
-                steps=args.steps,
-                batch_size=args.batch_size,
-                samples_per_prompt=args.samples_per_prompt,
-                max_new_tokens=args.max_new_tokens,
-                learning_rate=args.learning_rate,
+                **run_config(args, model_dir, url, task, out_dir, args.overrides + extra),
                 max_staleness=staleness,
-                device=device,
-                output_dir=str(out_dir),
-                seed=args.seed,
-                progress_bar=False,
                 push=push,
                 shared_dir=str(work / "async_vs_sync" / "shared") if push == "shared" else None,
-                **dict(parse_override(item) for item in args.overrides + extra),
             )
             print(f"push={label} max_staleness={staleness}: {args.steps} steps ...", flush=True)
             started = time.perf_counter()
             summary = run_training(config)
-            records = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines()]
-            for folder in out_dir.glob("checkpoint-*"):  # 13 GB for a 1.1B policy with AdamW: not needed
-                shutil.rmtree(folder)
+            records = read_run(out_dir)
             by_transport.setdefault(label, {})[staleness] = {
                 **summarise(records, args.skip, args.batch_size * args.samples_per_prompt),
                 "total_seconds": time.perf_counter() - started,

@@ -14,9 +14,7 @@ peak GPU memory (rank 0) as the trainer logs it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -26,14 +24,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.async_vs_sync import summarise  # noqa: E402
+from bench.async_vs_sync import read_run, run_config, summarise, write_prompts  # noqa: E402
 from bench.common import (  # noqa: E402
     SIZES,
     ServerOptions,
     add_common_args,
     build_model,
     describe_machine,
-    has_cuda,
     machine_line,
     markdown_table,
     parse_args,
@@ -56,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="K")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="completion length limit")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--staleness", type=int, default=1, help="max_staleness of both runs")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="server's share of the GPU")
     parser.add_argument(
@@ -65,14 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(parser)
     args = parse_args(parser, QUICK, argv)
 
-    from trainer_client.config import parse_override
-
-    device = "cuda" if has_cuda() else "cpu"
     work = args.work_dir / "torchrun_step"
     model_dir = build_model(args.size, "float32", args.work_dir / "models")
-    task = work / "prompts.jsonl"
-    task.parent.mkdir(parents=True, exist_ok=True)
-    task.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(512)))
+    task = write_prompts(work / "prompts.jsonl")
     options = ServerOptions(
         dtype=resolve_dtype(args.dtype),
         enforce_eager=args.enforce_eager,
@@ -93,13 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     with running_server(model_dir, options, work / "server.log") as server:
         for name, launcher in launchers.items():
             out_dir = work / name.replace(" ", "-")
-            config = dict(
-                model=str(model_dir), server_url=server.url, task=str(task), reward="length",
-                steps=args.steps, batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt,
-                max_new_tokens=args.max_new_tokens, learning_rate=1e-5, max_staleness=args.staleness,
-                device=device, output_dir=str(out_dir), seed=args.seed, progress_bar=False,
-                **dict(parse_override(item) for item in args.overrides),
-            )  # fmt: skip
+            config = run_config(args, model_dir, server.url, task, out_dir, args.overrides)
+            config["max_staleness"] = args.staleness
             config_path = work / f"{out_dir.name}.yaml"
             config_path.write_text(yaml.safe_dump(config))
             print(f"{name}: {args.steps} steps ...", flush=True)
@@ -115,9 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 print("".join(Path(log.name).read_text().splitlines(keepends=True)[-30:]))
                 runs[name] = {"exit_code": rc, "total_seconds": seconds}
                 continue
-            records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-            for folder in out_dir.glob("checkpoint-*"):  # 13 GB for a 1.1B policy with AdamW: not needed
-                shutil.rmtree(folder)
+            records = read_run(out_dir)
             runs[name] = {
                 **summarise(records, args.skip, args.batch_size * args.samples_per_prompt),
                 "final_loss": records[-1].get("loss"),
