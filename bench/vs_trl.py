@@ -195,15 +195,22 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
     starter = ensure_starter(starter_config(args.size, seed=seed), args.cache_dir, device=args.device)
     seed_dir = work / f"seed{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    before = heldout_accuracy(starter, args.device, seed_dir / "eval-starter.log")
+    before = starter_accuracy(starter, args.device, seed_dir)
     print(f"[seed {seed}] starter {starter}: held-out accuracy {before:.3f}", flush=True)
     names = list(args.configs)
-    if "trl" in names:  # one row per TRL generation backend asked for
+    if "trl" in names:  # one row per TRL generation backend asked for, next to each other
         i = names.index("trl")
-        names[i : i + 1] = [f"trl-{g}" for g in args.trl_generation]
+        generations = list(args.trl_generation)
+        if args.trl_fallback and generations == ["vllm"]:
+            generations.append("transformers")  # run only if the vLLM row fails
+        names[i : i + 1] = [f"trl-{g}" for g in generations]
     shift = seed % len(names)
     rows = []
     for name in names[shift:] + names[:shift]:
+        if name == "trl-transformers" and args.trl_fallback and "trl-vllm" in names:
+            vllm_rows = [r for r in rows if r["config"] == "trl-vllm"]
+            if vllm_rows and "error" not in vllm_rows[0]:
+                continue  # the fallback is not needed: TRL's vLLM path ran
         out = seed_dir / name
         out.mkdir(parents=True, exist_ok=True)
         row = {"seed": seed, "config": name, "before": before, "load_average_at_start": os.getloadavg()[0]}
@@ -223,6 +230,21 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
         print(f"[seed {seed}] {name}: {summary_line(row)}", flush=True)
         rows.append(row)
     return rows
+
+
+def starter_accuracy(starter: Path, device: str, seed_dir: Path) -> float:
+    """The starter's held-out accuracy, evaluated once per starter and device (kept in ``seed_dir``, so a
+    seed whose configurations are run by several invocations, e.g. on a device with a time limit per
+    command, evaluates its starter once)."""
+    cache = seed_dir / "eval-starter.json"
+    key = {"starter": str(starter), "device": device}
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if {k: saved.get(k) for k in key} == key:
+            return saved["accuracy"]
+    accuracy = heldout_accuracy(starter, device, seed_dir / "eval-starter.log")
+    cache.write_text(json.dumps({**key, "accuracy": accuracy}))
+    return accuracy
 
 
 def summary_line(r: dict) -> str:
@@ -362,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         "--trl-generation", nargs="+", default=None, choices=["transformers", "vllm"],
         help="TRL's generation backends, a row each (default: vllm on a GPU, transformers on a CPU)",
     )  # fmt: skip
+    parser.add_argument(
+        "--trl-fallback", action=argparse.BooleanOptionalAction, default=None,
+        help="if TRL's vLLM row fails, run TRL with transformers too (default: on a GPU)",
+    )  # fmt: skip
     parser.add_argument("--trl-threads", type=int, default=1, help="torch threads of TRL's process")
     parser.add_argument(
         "--torch-threads", type=int, default=1, help="torch threads of this project's trainer"
@@ -372,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="markdown file to write the section into")
     parser.add_argument("--out", type=Path, help="JSON result file (default: WORK_DIR/vs_trl.json)")
     parser.add_argument("--quick", action="store_true", help="seed 0, 20 steps")
+    parser.add_argument(
+        "--add-runs", type=Path, nargs="+", default=[], metavar="JSON",
+        help="result files of earlier invocations whose runs join this one's tables (a seed's "
+        "configurations split over several commands)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         given = argv if argv is not None else sys.argv[1:]
@@ -384,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 
         args.steps = {**DEMO_DEFAULTS, **SIZE_DEFAULTS[args.size]}["steps"]
     args.trl_generation = args.trl_generation or (["transformers"] if args.device == "cpu" else ["vllm"])
+    if args.trl_fallback is None:
+        args.trl_fallback = args.device != "cpu"
 
     import torch
 
@@ -399,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         rows += run_seed(seed, args, args.work_dir)
         write_results(out, "vs_trl", machine, settings, {"runs": rows})  # kept if a later seed is cut short
-    text = results_markdown(rows, args, machine, command.strip())
+    earlier = [row for path in args.add_runs for row in json.loads(path.read_text())["results"]["runs"]]
+    text = results_markdown(earlier + rows, args, machine, command.strip())
     print()
     print(text)
     if args.results:
