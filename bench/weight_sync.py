@@ -14,11 +14,13 @@ rotates from round to round, and each measurement is
 Transports (``TRANSPORTS``: each is one function returning a :class:`Sample`, so ``ipc`` on a GPU is one
 more entry):
 
-- ``http``: ``HttpTransport``: a safetensors body streamed from the snapshot's memory with its
-  ``X-Weights-Chunked-SHA256`` digest, whose chunks a pool of threads hashes while the snapshot is copied
+- ``http``: ``HttpTransport``: a safetensors body streamed from the snapshot's memory with the digest the
+  server prefers, ``X-Weights-BLAKE3``, which one thread feeds with each tensor as soon as it is copied
   (the part ``digest`` is how long the push still waits for it after the snapshot). Floor: a raw loopback
   TCP socket from this process to a receiver process (``recv_into`` a reused buffer) sending the
   snapshot's bytes, + ``load_seconds``.
+- ``http-chunked``: the same with ``X-Weights-Chunked-SHA256`` (what ``http`` sends to a server that does
+  not offer BLAKE3), whose 16 MiB chunks a pool of threads hashes while the snapshot is copied. Same floor.
 - ``http-file``: the client before issue 10: the snapshot written to a temporary safetensors file, hashed
   by reading it, streamed by reading it again (``GeneratorClient.push_weights_file``). Same floor.
 - ``shared``: ``SharedFolderTransport``: the snapshot written to a file below the server's
@@ -96,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's --work-dir (pushes staged on disk there); default none: in memory when they fit",
     )  # fmt: skip
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="server's share of the GPU")
+    parser.add_argument(
+        "--policy-device", choices=["cpu", "cuda"], default=None,
+        help="where the trainer's fp32 policy lives (default: cuda when there is a GPU, as a GPU trainer's "
+        "does; the snapshots of http, http-file and shared then copy from the GPU to pinned memory)",
+    )  # fmt: skip
     add_common_args(parser)
     parser.set_defaults(dtype="bfloat16")
     return parser
@@ -189,10 +196,13 @@ class Context:
         return self.version
 
 
-def _http(ctx: Context) -> Sample:
+def _http(ctx: Context, name: str = "http", digests: list[str] | None = None) -> Sample:
+    """``HttpTransport`` with the digest the server prefers, or the first of ``digests``."""
     from trainer_client.transports.http import HttpTransport
 
-    transport = ctx.transports.setdefault("http", HttpTransport(ctx.client))
+    if name not in ctx.transports:
+        ctx.transports[name] = HttpTransport(ctx.client, digests=digests)
+    transport = ctx.transports[name]
     started = time.perf_counter()
     snapshot = transport.snapshot(ctx.policy, ctx.dtypes)
     snapshotted = time.perf_counter()
@@ -205,6 +215,10 @@ def _http(ctx: Context) -> Sample:
     parts = {"snapshot": snapshotted - started, "digest": digested - snapshotted}
     parts |= {"socket": socket_seconds, "load": out["load_seconds"]}
     return Sample(push, socket_seconds + out["load_seconds"], parts | {"bytes": body.nbytes})
+
+
+def _http_chunked(ctx: Context) -> Sample:
+    return _http(ctx, "http-chunked", digests=["chunked-sha256"])
 
 
 def _http_file(ctx: Context) -> Sample:
@@ -273,6 +287,7 @@ def _ipc(ctx: Context) -> Sample:
 
 TRANSPORTS: dict[str, Callable[[Context], Sample]] = {
     "http": _http,
+    "http-chunked": _http_chunked,
     "http-file": _http_file,
     "shared": _shared,
     "ipc": _ipc,
@@ -280,6 +295,7 @@ TRANSPORTS: dict[str, Callable[[Context], Sample]] = {
 """name -> one push of a new version with its floor (``ipc`` runs only where there is a GPU)."""
 FLOORS = {
     "http": "loopback TCP socket + server reload",
+    "http-chunked": "loopback TCP socket + server reload",
     "http-file": "loopback TCP socket + server reload",
     "shared": "file read + server reload",
     "ipc": "device-to-device copy + server reload",
@@ -308,7 +324,8 @@ def run_rounds(args, names: list[str], model_dir: Path, checkpoint_root: Path) -
         seed=args.seed,
     )
     policy = {
-        n: t.float() if t.is_floating_point() else t for n, t in load_file(weights_file(model_dir)).items()
+        n: (t.float() if t.is_floating_point() else t).to(args.policy_device)
+        for n, t in load_file(weights_file(model_dir)).items()
     }
     samples: dict[str, list[Sample]] = {n: [] for n in names}
     with contextlib.ExitStack() as stack:
@@ -345,17 +362,28 @@ def run_rounds(args, names: list[str], model_dir: Path, checkpoint_root: Path) -
     return samples
 
 
-def sha256_seconds(nbytes: int) -> float:
-    """Seconds hashlib's SHA-256 takes over ``nbytes`` here, in one thread (the client hashes every body
-    once, the server once more, each in chunks on several threads at once)."""
+def hash_seconds(nbytes: int) -> dict[str, float]:
+    """Seconds each digest takes over ``nbytes`` here: hashlib's SHA-256 in one thread, BLAKE3 in one
+    thread and on every core (the client hashes every body once, the server once more)."""
     import hashlib
 
+    import blake3
     import torch
 
     data = memoryview(torch.ones(nbytes, dtype=torch.uint8).numpy())
-    started = time.perf_counter()
-    hashlib.sha256(data).hexdigest()
-    return time.perf_counter() - started
+    hashers = {
+        "sha256": hashlib.sha256,
+        "blake3": blake3.blake3,
+        "blake3_all_cores": lambda: blake3.blake3(max_threads=blake3.blake3.AUTO),
+    }
+    seconds = {}
+    for name, new in hashers.items():
+        hasher = new()
+        started = time.perf_counter()
+        hasher.update(data)
+        hasher.hexdigest()
+        seconds[name] = time.perf_counter() - started
+    return seconds
 
 
 def summarize(samples: dict[str, list[Sample]]) -> list[dict]:
@@ -380,7 +408,7 @@ def summarize(samples: dict[str, list[Sample]]) -> list[dict]:
     return rows
 
 
-def markdown(args, machine: dict, rows: list[dict], sha_seconds: float) -> str:
+def markdown(args, machine: dict, rows: list[dict], hashing: dict[str, float]) -> str:
     from trainer_client.client import DIGEST_CHUNK_BYTES
 
     table = []
@@ -402,16 +430,18 @@ def markdown(args, machine: dict, rows: list[dict], sha_seconds: float) -> str:
             f"Machine: {machine_line(machine)}",
             "",
             f"Median of {args.rounds} rounds after {args.warmup} warm-up, transports in rotating order; "
-            f"trainer torch threads {args.torch_threads}; server staging {staging}. push = snapshot + push "
-            "as the trainer does it; floor = moving the bytes + the server's reload (its load_seconds); "
+            f"trainer torch threads {args.torch_threads}, policy on {args.policy_device}; server staging "
+            f"{staging}. push = snapshot + push as the trainer does it; floor = moving the bytes + the "
+            "server's reload (its load_seconds); "
             "best / best = fastest push against fastest floor.",
             "",
             markdown_table(headers, table),
             "",
-            f"SHA-256 of {rows[0]['bytes'] / 1e9:.3f} GB here, one thread: {sha_seconds:.3f} s (an HTTP push "
-            "hashes the body twice, the client before the first byte and the server while receiving, each "
-            f"in {DIGEST_CHUNK_BYTES >> 20} MiB chunks on several threads). Target: push within {TARGET}x "
-            "of its floor.",
+            f"Hashing {rows[0]['bytes'] / 1e9:.3f} GB here: SHA-256 {hashing['sha256']:.3f} s in one thread, "
+            f"BLAKE3 {hashing['blake3']:.3f} s in one thread, {hashing['blake3_all_cores']:.3f} s on every "
+            "core (an HTTP push hashes the body twice, the client while it copies the snapshot and the "
+            f"server while receiving; the chunked SHA-256 in {DIGEST_CHUNK_BYTES >> 20} MiB chunks on "
+            f"several threads). Target: push within {TARGET}x of its floor.",
         ]
     )
 
@@ -425,6 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.torch_threads)
+    args.policy_device = args.policy_device or ("cuda" if has_cuda() else "cpu")
     out = args.out or args.work_dir / "weight_sync.json"
     machine = describe_machine()
     print(f"machine: {machine_line(machine)}", flush=True)
@@ -433,11 +464,12 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint_root.mkdir(parents=True, exist_ok=True)
 
     rows = summarize(run_rounds(args, names, model_dir, checkpoint_root))
-    sha_seconds = sha256_seconds(rows[0]["bytes"])
+    hashing = hash_seconds(rows[0]["bytes"])
     settings = vars(args) | {"params": count_params(SIZES[args.size])}
-    results = {"transports": rows, "target_ratio": TARGET, "sha256_seconds": sha_seconds}
+    results = {"transports": rows, "target_ratio": TARGET, "sha256_seconds": hashing["sha256"]}
+    results["hash_seconds"] = hashing
     write_results(out, "weight_sync", machine, settings, results)
-    text = markdown(args, machine, rows, sha_seconds)
+    text = markdown(args, machine, rows, hashing)
     print("\n" + text)
     out.with_suffix(".md").write_text(text + "\n")
     return results

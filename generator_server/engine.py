@@ -37,6 +37,7 @@ from generator_server.schemas import (
     WeightsUpdate,
 )
 from generator_server.weights import (
+    DIGESTS,
     FLOAT_DTYPES,
     TORCH_NAMES,
     TensorInfo,
@@ -308,6 +309,7 @@ class GenerationEngine:
             weights_version=self.version,
             tensors={n: TensorSpec(shape=list(i.shape), dtype=dtype(i)) for n, i in self.expected.items()},
             transports=self.transports,
+            digests=list(DIGESTS),
             host_id=self.host_id,
             gpu_uuid=self.gpu_uuid,
         )

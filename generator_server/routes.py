@@ -94,6 +94,7 @@ LOAD_REFUSED = {
 }
 # Documented only: a malformed digest header is a 400 whose message gives the form (not FastAPI's 422).
 SHA256_FORM = {"pattern": "^[0-9a-fA-F]{64}$"}
+BLAKE3_FORM = SHA256_FORM
 CHUNKED_SHA256_FORM = {"pattern": "^[0-9]{7,10}:[0-9a-fA-F]{64}$"}
 METRICS = {
     200: {
@@ -139,8 +140,18 @@ async def put_weights(
         Header(
             description="'<chunk_bytes>:<hex>': SHA-256 of the concatenated SHA-256 digests of the body's "
             "consecutive chunk_bytes chunks (the last may be shorter); chunk_bytes a power of two from "
-            "1 MiB to 1 GiB. Hashed in parallel; may go with X-Weights-SHA256 (both are checked).",
+            "1 MiB to 1 GiB. Hashed in parallel; may go with the other digest headers (each one given is "
+            "checked).",
             json_schema_extra=CHUNKED_SHA256_FORM,
+        ),
+    ] = None,
+    x_weights_blake3: Annotated[
+        str | None,
+        Header(
+            description="BLAKE3 of the body (32 bytes), hex: the cheapest digest to compute on both sides "
+            "(GET /weights lists the digests checked, preferred first). May go with the other digest "
+            "headers (each one given is checked).",
+            json_schema_extra=BLAKE3_FORM,
         ),
     ] = None,
 ):
@@ -151,7 +162,11 @@ async def put_weights(
         raise ApiError(400, "invalid Content-Length")
     try:
         staged, size = await engine.store.receive(
-            request.stream(), int(length) if length else None, x_weights_sha256, x_weights_chunked_sha256
+            request.stream(),
+            int(length) if length else None,
+            x_weights_sha256,
+            x_weights_chunked_sha256,
+            x_weights_blake3,
         )
     except ClientDisconnect as e:
         raise ApiError(400, "the client disconnected before the whole body arrived") from e

@@ -1,7 +1,8 @@
 """``push: http`` streamed from memory (issue 10): the body the client builds from the snapshot's own memory,
-its digest (``X-Weights-Chunked-SHA256``, chunks hashed in parallel) computed while the snapshot is copied,
-and what the server does with pushes that break off, arrive corrupted or carry a malformed digest; then
-the server's in-memory staging (``/dev/shm``) on its own, without an engine.
+its digest (``X-Weights-BLAKE3`` where the server offers it, else ``X-Weights-Chunked-SHA256``, chunks hashed
+in parallel) computed while the snapshot is copied, and what the server does with pushes that break off,
+arrive corrupted or carry a malformed digest; then the server's in-memory staging (``/dev/shm``) on its own,
+without an engine.
 
 The real-server tests use the session server of ``conftest.py`` (its ``--work-dir`` puts staging on disk;
 the staging code is the same in memory, which the ``WeightStore`` tests below cover). Refusals already
@@ -18,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import blake3
 import httpx
 import numpy as np
 import pytest
@@ -28,11 +30,18 @@ from starlette.requests import ClientDisconnect
 
 from generator_server import weights as server_weights
 from generator_server.errors import ApiError
-from generator_server.weights import MEMORY_ROOT_PREFIX, ChunkedDigest, WeightStore, parse_chunked_sha256
+from generator_server.weights import (
+    DIGESTS,
+    MEMORY_ROOT_PREFIX,
+    ChunkedDigest,
+    WeightStore,
+    parse_blake3,
+    parse_chunked_sha256,
+)
 from trainer_client import client as client_module
-from trainer_client.client import ChunkedSha256, GeneratorClient, SafetensorsBody
+from trainer_client.client import Blake3Digest, ChunkedSha256, GeneratorClient, PushTarget, SafetensorsBody
 from trainer_client.transports.base import host_snapshot
-from trainer_client.transports.http import HttpTransport
+from trainer_client.transports.http import HttpTransport, pick_digest
 
 PROBE = {"prompts": ["The cat sat", "Hello world, this is"], "max_tokens": 12, "temperature": 0.0}
 
@@ -59,6 +68,10 @@ def body_bytes(body: SafetensorsBody) -> bytes:
 MiB = 1 << 20
 
 
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
 def reference_chunked_sha256(data: bytes, chunk_bytes: int) -> str:
     """The header's definition, written the plain way: SHA-256 of the chunks' SHA-256 digests."""
     digests = b""
@@ -82,18 +95,30 @@ def test_streamed_body_is_byte_identical_to_save_file(tmp_path):
             assert np.frombuffer(view, dtype=np.uint8).ctypes.data == tensors[name].data_ptr()
 
 
-def test_snapshot_hashes_the_body_it_sends():
-    got = {}
+def fake_server(got: dict, digests: list[str] | None, fail_first_put: bool = False) -> GeneratorClient:
+    """A client of an httpx.MockTransport standing for a server whose ``GET /weights`` lists ``digests``
+    (None: a server older than the field, which does not say); it records each PUT's body and digest
+    headers in ``got``."""
 
     def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            spec = {"weights_version": 0, "tensors": {}} | ({"digests": digests} if digests else {})
+            return httpx.Response(200, json=spec)
         got.setdefault("bodies", []).append(b"".join(request.stream))
-        got["digest"] = request.headers["x-weights-chunked-sha256"]
-        assert "x-weights-sha256" not in request.headers
-        if len(got["bodies"]) == 1:
+        got["headers"] = {k: v for k, v in request.headers.items() if k.startswith("x-weights")}
+        if fail_first_put and len(got["bodies"]) == 1:
             return httpx.Response(502, text="try again")
         return httpx.Response(200, json={"weights_version": 1, "bytes": 0, "load_seconds": 0.0})
 
-    client = GeneratorClient("http://fake", transport=httpx.MockTransport(handler), backoff=0.001)
+    return GeneratorClient("http://fake", transport=httpx.MockTransport(handler), backoff=0.001)
+
+
+@pytest.mark.parametrize("digests", [None, ["chunked-sha256", "sha256"], list(DIGESTS)])
+def test_snapshot_hashes_the_body_it_sends(digests):
+    """The digest is the server's first choice that a snapshot can be hashed with: BLAKE3 when it is
+    offered, else (a server older than ``digests`` included) the chunked SHA-256."""
+    got = {}
+    client = fake_server(got, digests, fail_first_put=True)
     live = {n: t.float() if t.is_floating_point() else t for n, t in mixed_tensors().items()}
     served = {n: "bfloat16" for n in live} | {"a.weight": "float32"}
     expected = body_bytes(SafetensorsBody(host_snapshot(live, served)))
@@ -104,8 +129,81 @@ def test_snapshot_hashes_the_body_it_sends():
     transport.push(snapshot, version=1)
     transport.close()
     assert got["bodies"] == [expected] * 2  # retried from the first byte
+    if digests is not None and "blake3" in digests:
+        assert got["headers"] == {"x-weights-blake3": snapshot.digest.result()}
+        assert snapshot.digest.result() == b3(expected)
+    else:
+        chunk = client_module.DIGEST_CHUNK_BYTES
+        assert got["headers"] == {"x-weights-chunked-sha256": snapshot.digest.result()}
+        assert snapshot.digest.result() == reference_chunked_sha256(expected, chunk)
+
+
+def test_digest_choice_follows_the_servers_answer():
+    """On the parsed ``GET /weights`` answer: the first digest the server lists that a snapshot can be
+    hashed with; an answer without ``digests`` (an older server) gets the chunked SHA-256."""
+    spec = {"weights_version": 0, "tensors": {}}
+    assert pick_digest(client_module.WeightsSpec.model_validate(spec).digests) == "chunked-sha256"
+    assert pick_digest(PushTarget().digests) == "chunked-sha256"
+    assert pick_digest(list(DIGESTS)) == "blake3"
+    assert pick_digest(["chunked-sha256", "blake3"]) == "chunked-sha256"  # the server's order
+    assert pick_digest(["sha256"]) == "chunked-sha256"
+    assert pick_digest(["some-future-digest", "blake3"]) == "blake3"
+
+
+def test_a_snapshot_hashed_for_another_server_gets_the_digest_this_one_checks():
+    """Replicas share one snapshot per transport kind: one hashed with BLAKE3 for a new server, pushed to an
+    older one, goes with the chunked SHA-256 (computed then), never with a header that server ignores."""
+    got_new, got_old = {}, {}
+    new = HttpTransport(fake_server(got_new, list(DIGESTS)))
+    old = HttpTransport(fake_server(got_old, None))
+    snapshot = new.snapshot(mixed_tensors(), {n: "float32" for n in mixed_tensors()})
+    assert snapshot.digest.name == "blake3"
+    new.push(snapshot, version=1)
+    old.push(snapshot, version=1)
+    new.close(), old.close()
+    body = body_bytes(snapshot.body)
+    assert got_new["headers"] == {"x-weights-blake3": b3(body)}
     chunk = client_module.DIGEST_CHUNK_BYTES
-    assert got["digest"] == snapshot.digest.result() == reference_chunked_sha256(expected, chunk)
+    assert got_old["headers"] == {"x-weights-chunked-sha256": reference_chunked_sha256(body, chunk)}
+
+
+def test_a_server_that_cannot_be_asked_gets_the_chunked_digest_and_is_asked_again():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if len(calls) == 1:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json={"weights_version": 0, "tensors": {}, "digests": list(DIGESTS)})
+
+    client = GeneratorClient("http://fake", transport=httpx.MockTransport(handler), max_retries=3)
+    transport = HttpTransport(client)
+    tensors = {"w": torch.ones(3)}
+    assert transport.snapshot(tensors, {"w": "float32"}).digest.name == "chunked-sha256"
+    assert transport.snapshot(tensors, {"w": "float32"}).digest.name == "blake3"
+    transport.snapshot(tensors, {"w": "float32"})
+    transport.close()
+    assert calls == ["GET", "GET"]  # not retried (a snapshot must not wait), asked once it answered
+
+
+def test_body_blake3_is_the_blake3_of_the_file_save_file_writes(tmp_path):
+    tensors = mixed_tensors()
+    path = tmp_path / "ref.safetensors"
+    save_file(tensors, path)
+    with open(path, "rb") as f:
+        expected = blake3.blake3(f.read()).hexdigest()
+    body = SafetensorsBody(tensors)
+    assert body.blake3() == expected
+    with ThreadPoolExecutor(1) as thread:  # fed piece by piece from a thread, as a snapshot feeds it
+        digest = Blake3Digest(thread)
+        for chunk in body.chunks():
+            digest.add(chunk)
+        assert (
+            digest.result() == expected == server_weights.new_blake3().update(path.read_bytes()).hexdigest()
+        )
+    digest.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        digest.add(b"x")
 
 
 # --- the chunked digest ---------------------------------------------------------------------------------
@@ -160,6 +258,8 @@ def test_push_weights_sends_the_chunked_digest_and_push_file_the_plain_one(tmp_p
     assert seen[-1] == (body, {"x-weights-sha256": sha})
     with pytest.raises(ValueError, match="power of two"):
         ChunkedSha256(None, 3 * MiB)
+    client.push_body(SafetensorsBody(mixed_tensors()), version=4, blake3=b3(body))
+    assert seen[-1] == (body, {"x-weights-blake3": b3(body)})
 
 
 # --- against the real server ------------------------------------------------------------------------
@@ -199,13 +299,38 @@ def settle(work_dir: Path, version: int, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_push_of_a_snapshot_serves_those_weights(server, client, gen, transport, make_weights):
-    """The streamed push serves exactly what the same tensors pushed as a file serve, and not the old."""
+class RecordingTransport(httpx.HTTPTransport):
+    """httpx's own network transport, remembering the method, path and digest headers of each request."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent: list[tuple[str, str, dict[str, str]]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        digests = {k: v for k, v in request.headers.items() if k.startswith("x-weights")}
+        self.sent.append((request.method, request.url.path, digests))
+        return super().handle_request(request)
+
+
+def test_push_of_a_snapshot_serves_those_weights(server, client, make_weights):
+    """The streamed push serves exactly what the same tensors pushed as a file serve, and not the old; the
+    server offers BLAKE3, so the push carries ``X-Weights-BLAKE3`` (and no other digest)."""
+    network = RecordingTransport()
+    gen = GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0, transport=network)
+    transport = HttpTransport(gen)
     version = server.weights_version() + 1
     before = probe(client)
     path = make_weights(seed=41)
-    out = transport.push(transport.snapshot(load_file(path), served_dtypes(gen)), version)
+    try:
+        snapshot = transport.snapshot(load_file(path), served_dtypes(gen))
+        out = transport.push(snapshot, version)
+    finally:
+        transport.close()
+        gen.close()
     assert out["weights_version"] == version and out["bytes"] == path.stat().st_size
+    with open(path, "rb") as f:
+        expected = blake3.blake3(f.read()).hexdigest()
+    assert network.sent[-1] == ("PUT", "/weights", {"x-weights-blake3": expected})
     streamed = probe(client)
     assert streamed["weights_version"] == version and not same_weights(streamed, before)
     assert server.push(path, version + 1).status_code == 200  # the reference: the file's bytes
@@ -267,11 +392,35 @@ def _put(server, version: int, data: bytes, headers: dict[str, str]) -> httpx.Re
         return c.put("/weights", params={"version": version}, content=data, headers=headers)
 
 
-@pytest.mark.parametrize("header", ["X-Weights-SHA256", "X-Weights-Chunked-SHA256", "both"])
-def test_corrupted_body_is_refused(server, client, gen, transport, make_weights, server_work_dir, header):
+def all_digests(data: bytes) -> dict[str, str]:
+    """Every digest header of ``data`` (the chunked one in 1 MiB chunks: more than one for the tiny model's
+    1.8 MB)."""
+    return {
+        "X-Weights-SHA256": hashlib.sha256(data).hexdigest(),
+        "X-Weights-Chunked-SHA256": reference_chunked_sha256(data, MiB),
+        "X-Weights-BLAKE3": b3(data),
+    }
+
+
+@pytest.mark.parametrize(
+    "right, wrong, message",
+    [
+        ([], ["X-Weights-SHA256"], "SHA-256 mismatch"),
+        ([], ["X-Weights-Chunked-SHA256"], "chunked SHA-256 mismatch"),
+        ([], ["X-Weights-BLAKE3"], "BLAKE3 mismatch"),
+        (["X-Weights-SHA256"], ["X-Weights-Chunked-SHA256"], "chunked SHA-256 mismatch"),
+        (["X-Weights-SHA256", "X-Weights-Chunked-SHA256"], ["X-Weights-BLAKE3"], "BLAKE3 mismatch"),
+        (["X-Weights-SHA256", "X-Weights-BLAKE3"], ["X-Weights-Chunked-SHA256"], "chunked SHA-256 mismatch"),
+        (["X-Weights-Chunked-SHA256", "X-Weights-BLAKE3"], ["X-Weights-SHA256"], "SHA-256 mismatch"),
+    ],
+)
+def test_corrupted_body_is_refused(
+    server, client, gen, transport, make_weights, server_work_dir, right, wrong, message
+):
     """One byte flipped in the tensor data on the way: still a well-formed file of the right tensors, so
-    only the digest (of the original, in the header) tells. With both headers, the plain digest is right
-    for the corrupted bytes: the chunked one alone must refuse them."""
+    only the digest (of the original, in the header) tells. Headers in ``right`` are those of the corrupted
+    bytes, so they pass: the one in ``wrong`` alone must refuse them (every header given is checked). Then
+    the original bytes with all three headers right are served."""
     dtypes = served_dtypes(gen)
     version = server.weights_version() + 1
     transport.push(transport.snapshot(load_file(make_weights(seed=44)), dtypes), version)
@@ -281,24 +430,19 @@ def test_corrupted_body_is_refused(server, client, gen, transport, make_weights,
     original = body_bytes(new.body)
     data = bytearray(original)
     data[len(new.body.head) + 1000] ^= 0x01
-    chunked = reference_chunked_sha256(original, MiB)  # more than one chunk: the tiny model is 1.8 MB
-    headers = {
-        "X-Weights-SHA256": {"X-Weights-SHA256": hashlib.sha256(original).hexdigest()},
-        "X-Weights-Chunked-SHA256": {"X-Weights-Chunked-SHA256": chunked},
-        "both": {"X-Weights-SHA256": hashlib.sha256(data).hexdigest(), "X-Weights-Chunked-SHA256": chunked},
-    }[header]
+    of_original, of_data = all_digests(original), all_digests(bytes(data))
+    headers = {h: of_data[h] for h in right} | {h: of_original[h] for h in wrong}
     response = _put(server, version + 1, bytes(data), headers)
     detail = response.json()["detail"]
-    assert response.status_code == 400 and "SHA-256 mismatch" in detail, detail
-    assert ("chunked" in detail) == (header != "X-Weights-SHA256")
+    assert response.status_code == 400 and detail.startswith(message), detail
+    (header,) = wrong
+    assert f"body hashes to {of_data[header]}, {header} says {of_original[header]}" in detail
     assert server.weights_version() == version
     assert same_outputs(probe(client), before)
     settle(server_work_dir, version)  # the staging folder is gone
 
-    response = _put(
-        server, version + 1, original, {**headers, "X-Weights-SHA256": hashlib.sha256(original).hexdigest()}
-    )
-    assert response.status_code == 200, response.text  # the right bytes, 1 MiB chunks: served
+    response = _put(server, version + 1, original, of_original)
+    assert response.status_code == 200, response.text  # the right bytes, all three digests: served
     after = probe(client)
     assert after["weights_version"] == version + 1 and not same_weights(after, before)
 
@@ -323,6 +467,24 @@ def test_malformed_chunked_digest_is_refused(server, client, server_work_dir, va
     assert "X-Weights-Chunked-SHA256" in response.json()["detail"]
     assert server.weights_version() == version and same_outputs(probe(client), before)
     assert not [p for p in server_work_dir.iterdir() if p.name.startswith("staging-")]
+
+
+@pytest.mark.parametrize("value", ["0" * 63, "0" * 65, "g" * 64, f"1048576:{'0' * 64}", "", "0x" + "0" * 62])
+def test_malformed_blake3_digest_is_refused(server, client, server_work_dir, value):
+    version = server.weights_version()
+    before = probe(client)
+    response = _put(server, version + 1, b"x" * 100, {"X-Weights-BLAKE3": value})
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == "X-Weights-BLAKE3 must be 64 hexadecimal digits"
+    assert server.weights_version() == version and same_outputs(probe(client), before)
+    assert not [p for p in server_work_dir.iterdir() if p.name.startswith("staging-")]
+
+
+def test_parse_blake3_digest():
+    assert parse_blake3(f" {'AB' * 32} ") == "ab" * 32
+    for bad in ["", "ab" * 31, "ab" * 33, "zz" * 32, f"{MiB}:{'ab' * 32}"]:
+        with pytest.raises(ApiError, match="X-Weights-BLAKE3 must be 64 hexadecimal digits"):
+            parse_blake3(bad)
 
 
 def test_parse_chunked_digest():
@@ -409,6 +571,49 @@ def test_store_checks_the_chunked_digest_as_chunks_arrive(store):
     assert sorted(parent.iterdir()) == before  # no staging folder left
     empty = reference_chunked_sha256(b"", MiB)
     assert asyncio.run(store.receive(_chunks(b""), 0, None, empty))[1] == 0
+
+
+def receive_digests(data: bytes) -> dict[str, str]:
+    """``WeightStore.receive``'s three digest arguments for ``data``."""
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "chunked_sha256": reference_chunked_sha256(data, MiB),
+        "blake3": b3(data),
+    }
+
+
+MISMATCH = {
+    "sha256": "SHA-256 mismatch",
+    "chunked_sha256": "chunked SHA-256 mismatch",
+    "blake3": "BLAKE3 mismatch",
+}
+
+
+def test_store_checks_every_digest_given(store):
+    data = os.urandom(5 * MiB + 3)
+    right = receive_digests(data)
+    staged, size = asyncio.run(
+        store.receive(_chunks(data, size=100_003), len(data), None, blake3=right["blake3"])
+    )
+    assert size == len(data) and (staged / "model.safetensors").read_bytes() == data
+    store.discard(staged)
+    staged, size = asyncio.run(store.receive(_chunks(data), len(data), **right))  # all three
+    store.discard(staged)
+
+    parent = staged.parent
+    before = sorted(parent.iterdir())
+    wrong = bytearray(data)
+    wrong[-1] ^= 1
+    for name in right:  # the other two are right for the bytes sent: this one alone refuses them
+        digests = receive_digests(bytes(wrong)) | {name: right[name]}
+        with pytest.raises(ApiError, match=f"^{MISMATCH[name]}"):
+            asyncio.run(store.receive(_chunks(bytes(wrong)), len(data), **digests))
+    with pytest.raises(ApiError, match="BLAKE3 mismatch"):  # one more byte
+        asyncio.run(store.receive(_chunks(data + b"x"), None, None, blake3=right["blake3"]))
+    with pytest.raises(ClientDisconnect):  # broken off
+        asyncio.run(store.receive(_chunks(data, fail_after=3 * MiB), len(data), None, blake3=right["blake3"]))
+    assert sorted(parent.iterdir()) == before  # no staging folder left
+    assert asyncio.run(store.receive(_chunks(b""), 0, None, blake3=b3(b"")))[1] == 0
 
 
 def test_pushes_go_to_disk_when_memory_has_no_room(store, monkeypatch):

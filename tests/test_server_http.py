@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 
+import blake3
 import httpx
 import pytest
 import torch
@@ -275,6 +276,24 @@ def test_digest_mismatch_is_refused(server, client, make_weights, served, server
     _assert_unchanged(server, client, served, server_work_dir)
     right = hashlib.sha256(path.read_bytes()).hexdigest()
     assert server.push(path, served[0] + 1, x_weights_sha256=right.upper()).status_code == 200
+
+
+def test_blake3_digest_is_checked(server, client, make_weights, served, server_work_dir):
+    path = make_weights(seed=14)
+    wrong = blake3.blake3(b"other bytes").hexdigest()
+    response = server.push(path, served[0] + 1, x_weights_blake3=wrong)
+    right = blake3.blake3(path.read_bytes()).hexdigest()
+    detail = response.json()["detail"]
+    assert response.status_code == 400
+    assert detail == f"BLAKE3 mismatch: body hashes to {right}, X-Weights-BLAKE3 says {wrong}"
+    response = server.push(path, served[0] + 1, x_weights_blake3="not-hex")
+    assert response.status_code == 400
+    assert response.json()["detail"] == "X-Weights-BLAKE3 must be 64 hexadecimal digits"
+    _assert_unchanged(server, client, served, server_work_dir)
+    response = server.push(path, served[0] + 1, x_weights_blake3=right.upper())
+    assert response.status_code == 200, response.text
+    assert response.json()["weights_version"] == served[0] + 1
+    assert not same_outputs(probe(client), served[1])  # the new weights are served
 
 
 def test_409_for_a_version_not_above_the_served_one(server, client, make_weights, served, checkpoint_root):

@@ -27,6 +27,7 @@ def test_cpu_server_offers_http_and_shared_and_says_where_it_runs(client):
     spec = client.get("/weights").json()
     # the shared server has a --checkpoint-root; CUDA IPC is offered by an engine on a GPU only
     assert spec["transports"] == ["http", "shared"] + (["ipc"] if ON_GPU else [])
+    assert spec["digests"] == ["blake3", "chunked-sha256", "sha256"]  # the PUT /weights digests, best first
     assert (spec["gpu_uuid"] is None) == (not ON_GPU)
     assert spec["host_id"] == host_id() == server_host_id()  # same machine, as the trainer sees it
 
@@ -164,7 +165,8 @@ def test_a_bucket_that_does_not_match_is_refused_with_the_reason(tensors, nbytes
     assert e.value.status_code == 400
 
 
-def test_an_http_snapshot_of_a_sharded_learner_gathers_each_bucket_once_and_sends_the_same_body():
+@pytest.mark.parametrize("digest", ["blake3", "chunked-sha256"])
+def test_an_http_snapshot_of_a_sharded_learner_gathers_each_bucket_once_and_sends_the_same_body(digest):
     from trainer_client.distributed import FullTensors
     from trainer_client.transports.http import HttpTransport
 
@@ -180,12 +182,13 @@ def test_an_http_snapshot_of_a_sharded_learner_gathers_each_bucket_once_and_send
         return {n: full[n] for n in bucket}
 
     dtypes = dict.fromkeys(sorted(names), "bfloat16")  # the server's order
-    transport = HttpTransport(client=None)
+    transport = HttpTransport(client=None, digests=[digest])
     try:
         sharded = transport.snapshot(FullTensors(buckets, fetch), dtypes)
         plain = transport.snapshot(full, dtypes)
         assert fetched == buckets  # one gather per bucket, in order
         assert b"".join(sharded.body.chunks()) == b"".join(plain.body.chunks())
+        assert sharded.digest.name == plain.digest.name == digest
         assert sharded.digest.result() == plain.digest.result()
     finally:
         transport.close()

@@ -10,7 +10,7 @@
 
 Every call has a timeout. Connection errors, timeouts and 5xx answers are retried with exponential backoff
 (``max_retries`` times); a 4xx answer is never retried and raises :class:`GeneratorHTTPError` carrying the
-server's message. It depends on httpx and pydantic only; ``push_weights`` also needs torch.
+server's message. It depends on httpx, pydantic and blake3 only; ``push_weights`` also needs torch.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import blake3
 import httpx
 from pydantic import BaseModel
 
@@ -85,6 +86,9 @@ class PushTarget(BaseModel):
 
     transports: list[str] = ["http"]
     """``http`` always; ``shared`` with a checkpoint root; ``ipc`` when its engine is on a CUDA GPU."""
+    digests: list[str] = ["chunked-sha256", "sha256"]
+    """The body digests ``PUT /weights`` checks, preferred first (``blake3``, ``chunked-sha256``,
+    ``sha256``); a server older than this field does not say, and checks the SHA-256 ones."""
     host_id: str | None = None
     """Identity of the server's host (its kernel boot id): CUDA IPC needs the trainer on the same one."""
     gpu_uuid: str | None = None
@@ -169,6 +173,9 @@ class ChunkedSha256:
     and while later bytes are still being produced (None: in the calling thread). The buffers added are
     read in place, later: they must not change until :meth:`result` has returned."""
 
+    name = "chunked-sha256"
+    """The digest's name in ``GET /weights``' ``digests``."""
+
     def __init__(self, pool: Executor | None, chunk_bytes: int = DIGEST_CHUNK_BYTES):
         if not (
             MIN_DIGEST_CHUNK_BYTES <= chunk_bytes <= MAX_DIGEST_CHUNK_BYTES and chunk_bytes.bit_count() == 1
@@ -220,6 +227,50 @@ def _sha256_of(pieces: list[memoryview]) -> bytes:
     for piece in pieces:
         digest.update(piece)  # releases the GIL (buffers over 2 KiB)
     return digest.digest()
+
+
+class Blake3Digest:
+    """The ``X-Weights-BLAKE3`` header of a body whose bytes are handed over in order (``add``): the BLAKE3
+    of the whole body, 64 hexadecimal digits.
+
+    BLAKE3 is one sequential stream (unlike :class:`ChunkedSha256`, whose chunks are independent), so the
+    bytes are hashed in the order they are added, by ``thread`` (an executor of ONE thread, which keeps
+    them in order; None: in the calling thread) as soon as they are added; BLAKE3 itself spreads each large
+    buffer over the cores. The buffers added are read in place, later: they must not change until
+    :meth:`result` has returned."""
+
+    name = "blake3"
+    """The digest's name in ``GET /weights``' ``digests``."""
+
+    def __init__(self, thread: Executor | None):
+        self.thread = thread
+        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._pending: list[Future[None]] = []
+        self._closed = False
+        self._value: str | None = None
+
+    def add(self, data: bytes | memoryview) -> None:
+        if self._closed:
+            raise RuntimeError("add() after close()")
+        view = memoryview(data).cast("B")
+        if self.thread is None:
+            self._hasher.update(view)
+        else:
+            self._pending.append(self.thread.submit(self._hasher.update, view))  # releases the GIL
+
+    def close(self) -> None:
+        """No more bytes."""
+        self._closed = True
+
+    def result(self) -> str:
+        """The header value (closes the digest first; waits for the bytes still being hashed)."""
+        if self._value is None:
+            self.close()
+            for done in self._pending:
+                done.result()  # in order; raises what the hashing raised
+            self._pending = []
+            self._value = self._hasher.hexdigest()
+        return self._value
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
@@ -319,6 +370,15 @@ class SafetensorsBody:
         for view in self.views:
             digest.update(view)
         return digest.hexdigest()
+
+    def blake3(self) -> str:
+        """BLAKE3 of the body (``X-Weights-BLAKE3``): one pass, on every core (BLAKE3 splits large buffers
+        among its own threads)."""
+        digest = Blake3Digest(None)
+        digest.add(self.head)
+        for view in self.views:
+            digest.add(view)
+        return digest.result()
 
     def chunked_sha256(self, chunk_bytes: int = DIGEST_CHUNK_BYTES, threads: int = HASH_THREADS) -> str:
         """The body's ``X-Weights-Chunked-SHA256`` (:class:`ChunkedSha256`), its chunks hashed by
@@ -455,9 +515,9 @@ class GeneratorClient:
             body["prompt_token_ids"] = [list(ids) for ids in prompt_token_ids]
         return GenerateResponse.model_validate(self._request("POST", "/generate", json=body).json())
 
-    def weights_spec(self) -> WeightsSpec:
+    def weights_spec(self, retries: int | None = None) -> WeightsSpec:
         """``GET /weights``: the served version and the tensor names, shapes and dtypes a push must hold."""
-        return WeightsSpec.model_validate(self._request("GET", "/weights").json())
+        return WeightsSpec.model_validate(self._request("GET", "/weights", retries=retries).json())
 
     def push_weights_file(self, path: str | Path, version: int, sha256: str | None = None) -> WeightsUpdate:
         """``PUT /weights?version=V``: stream a safetensors file, its SHA-256 in ``X-Weights-SHA256``."""
@@ -491,18 +551,24 @@ class GeneratorClient:
         version: int,
         sha256: str | None = None,
         chunked_sha256: str | None = None,
+        blake3: str | None = None,
     ) -> WeightsUpdate:
-        """``PUT /weights?version=V`` of ``body`` with its digest: ``sha256`` in ``X-Weights-SHA256``
-        and/or ``chunked_sha256`` (``"<chunk_bytes>:<hex>"``, see :class:`ChunkedSha256`) in
-        ``X-Weights-Chunked-SHA256``; neither given: the chunked one, computed here first in parallel
-        (:meth:`SafetensorsBody.chunked_sha256`). A retry sends the body again from its first byte."""
-        if sha256 is None and chunked_sha256 is None:
+        """``PUT /weights?version=V`` of ``body`` with its digests, each one given in its header: ``sha256``
+        in ``X-Weights-SHA256``, ``chunked_sha256`` (``"<chunk_bytes>:<hex>"``, see :class:`ChunkedSha256`)
+        in ``X-Weights-Chunked-SHA256``, ``blake3`` (hex, see :class:`Blake3Digest`) in ``X-Weights-BLAKE3``
+        (send it only to a server whose ``GET /weights`` lists ``blake3``: an older one ignores it). None
+        given: the chunked SHA-256 (servers older than ``digests`` check it too), computed here first in
+        parallel (:meth:`SafetensorsBody.chunked_sha256`). A retry sends the body again from its first
+        byte."""
+        if sha256 is None and chunked_sha256 is None and blake3 is None:
             chunked_sha256 = body.chunked_sha256()
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(body.nbytes)}
         if sha256 is not None:
             headers["X-Weights-SHA256"] = sha256
         if chunked_sha256 is not None:
             headers["X-Weights-Chunked-SHA256"] = chunked_sha256
+        if blake3 is not None:
+            headers["X-Weights-BLAKE3"] = blake3
         response = self._request(
             "PUT", "/weights", params={"version": version}, headers=headers, content=body.chunks
         )
