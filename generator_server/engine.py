@@ -30,6 +30,7 @@ from generator_server.schemas import (
     Completion,
     GenerateRequest,
     GenerateResponse,
+    GenerateTiming,
     PromptResult,
     TensorSpec,
     WeightsDigest,
@@ -199,12 +200,19 @@ class GenerationEngine:
                 raise ApiError(503, self.incomplete)
             prompts = await self._prompt_token_ids(request)
             params = [self._sampling_params(request, i) for i in range(len(prompts))]
+            asked = time.perf_counter()
             async with self.weights_held() as version:
+                held = time.perf_counter()
                 jobs = [self._generate_one(ids, p) for ids, p in zip(prompts, params, strict=True)]
                 outputs = await _all_or_nothing(jobs)
+            done = time.perf_counter()
+            timing = GenerateTiming(
+                weights_wait_seconds=round(held - asked, 6), generate_seconds=round(done - held, 6)
+            )
             response = GenerateResponse(
                 weights_version=version,
                 results=[_prompt_result(out, request.logprobs) for out in outputs],
+                timing=timing,
             )
             outcome = "ok"
         except ApiError as e:

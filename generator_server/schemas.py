@@ -104,10 +104,19 @@ class PromptResult(BaseModel):
     completions: list[Completion]
 
 
+class GenerateTiming(BaseModel):
+    weights_wait_seconds: float
+    """Time the request waited for the weights: a reload in progress (or asked for) holds them."""
+    generate_seconds: float
+    """Time from holding the weights to the last completion: the engine's work on this request."""
+
+
 class GenerateResponse(BaseModel):
     weights_version: int
     """The weights every completion of this response was generated with."""
     results: list[PromptResult]
+    timing: GenerateTiming | None = None
+    """Where the request's time went on the server (tokenizing and answering not counted)."""
 
 
 # --- /weights ---------------------------------------------------------------------------------------------

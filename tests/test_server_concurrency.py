@@ -93,13 +93,17 @@ def test_generation_during_pushes(server, make_weights):
     assert len(answers) >= N_PUSHES and len(seen) >= 3, (len(answers), sorted(seen))
 
 
-def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[str, float], dict[str, int]]:
+def _push_during_a_long_request(
+    server, weights, n_prompts: int
+) -> tuple[dict[str, float], dict[str, int], dict[str, dict]]:
     """Start a long request; once it runs, push; once the push is seen waiting for it, send a short
-    request. Returns when each thing was sent and answered, and the version each request was served from."""
+    request. Returns when each thing was sent and answered, the version each request was served from, and
+    each request's ``timing`` as the server reported it."""
     long_request = {"prompts": ["The cat"] * n_prompts, "max_tokens": 250, "ignore_eos": True}
     version = server.weights_version() + 1
     events: dict[str, float] = {}
     versions: dict[str, int] = {}
+    timings: dict[str, dict] = {}
 
     def run(name: str, body: dict) -> None:
         with server.client() as client:
@@ -108,6 +112,7 @@ def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[s
             events[f"{name} answered"] = time.monotonic()
             assert response.status_code == 200, response.text
             versions[name] = response.json()["weights_version"]
+            timings[name] = response.json()["timing"]
 
     def push() -> None:
         events["push sent"] = time.monotonic()
@@ -131,7 +136,7 @@ def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[s
     short.start()
     for t in (long, pusher, short):
         t.join(timeout=600)
-    return events, versions
+    return events, versions, timings
 
 
 def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_weights):
@@ -142,7 +147,7 @@ def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_we
     # to reach the server only as the long request ended; then the test runs again with a longer one.
     for n_prompts in (128, 512, 2048):
         old = server.weights_version()
-        events, versions = _push_during_a_long_request(server, weights, n_prompts)
+        events, versions, timings = _push_during_a_long_request(server, weights, n_prompts)
         start = events["long sent"]
         timeline = {name: round(t - start, 3) for name, t in sorted(events.items(), key=lambda e: e[1])}
         long_ran_until = events["long answered"]
@@ -153,3 +158,9 @@ def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_we
     assert versions == {"long": old, "short": old + 1}, timeline
     assert events["push answered"] >= events["long answered"], timeline
     assert events["short answered"] >= events["long answered"], timeline
+    # the server's account says the same: the short request waited for the weights until the long one was
+    # done (and the push loaded), the long one generated all along without waiting
+    short_waited_at_least = events["long answered"] - events["short sent"]
+    assert timings["short"]["weights_wait_seconds"] >= short_waited_at_least - 0.25, (timings, timeline)
+    assert timings["long"]["generate_seconds"] >= timings["long"]["weights_wait_seconds"], timings
+    assert timings["long"]["generate_seconds"] > timings["short"]["generate_seconds"], timings

@@ -44,7 +44,8 @@ def test_generate_answer_shape(client, tiny_model_dir):
     response = client.post("/generate", json={"prompts": ["The cat", "Hello"], "max_tokens": 5})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"weights_version", "results"} and body["weights_version"] == version
+    assert set(body) == {"weights_version", "results", "timing"} and body["weights_version"] == version
+    assert body["timing"]["generate_seconds"] > 0 and body["timing"]["weights_wait_seconds"] >= 0
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for prompt, result in zip(["The cat", "Hello"], body["results"], strict=True):
         assert result["prompt_token_ids"] == tokenizer(prompt)["input_ids"]

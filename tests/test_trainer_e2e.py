@@ -82,6 +82,8 @@ def test_run_completes_and_logs_every_step(async_run):
         assert REQUIRED_KEYS <= r.keys()
         assert r["pairs"] + r["skipped_ties"] == 4
         assert r["pairs"] > 0 and r["loss"] > 0 and r["reward_chosen"] > r["reward_rejected"]
+        # the server's share of the request's time: its engine, plus any wait behind a push
+        assert 0 < r["gen_server_seconds"] + r["gen_weights_wait_seconds"] <= r["gen_seconds"]
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1 trains the reference itself
     assert Path(summary["final_checkpoint"], "model.safetensors").is_file()
 

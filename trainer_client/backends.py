@@ -33,6 +33,10 @@ class GenerationBatch:
     prompt_versions: list[int] | None = None  # (B,)
     """Several replicas (trainer_client/replicas.py): the version that sampled each prompt's completions
     (``weights_version`` is their minimum); None: all ``weights_version``."""
+    server_timing: dict[str, float] | None = None
+    """One server: its account of the request (``weights_wait_seconds``: waiting for a reload to let go of
+    the weights; ``generate_seconds``: the engine's work), which tells a slow generation from one stuck
+    behind a push. None where the server does not say, with several replicas, and colocated."""
     replica_stats: dict[str, dict] | None = None
     """Several replicas: per server URL, what it did for this batch: ``prompts``, ``tokens`` (completion
     tokens), ``seconds`` (its requests' time), ``version`` (the lowest it answered with), and ``failed``
@@ -107,6 +111,7 @@ class ServerBackend:
             prompts=list(prompts),
             prompt_token_ids=[r.prompt_token_ids for r in out.results],
             completions=[r.completions for r in out.results],
+            server_timing=out.timing.model_dump() if out.timing is not None else None,
         )
 
     def _transport(self) -> WeightTransport:

@@ -71,9 +71,18 @@ class PromptResult(BaseModel):
     completions: list[Completion]
 
 
+class GenerateTiming(BaseModel):
+    weights_wait_seconds: float
+    """Seconds the request waited on the server for the weights (a reload held them)."""
+    generate_seconds: float
+    """Seconds the server's engine worked on it, from holding the weights to the last completion."""
+
+
 class GenerateResponse(BaseModel):
     weights_version: int
     results: list[PromptResult]
+    timing: GenerateTiming | None = None
+    """The server's account of the request's time (None from a server older than this field)."""
 
 
 class TensorSpec(BaseModel):

@@ -117,6 +117,18 @@ def score(samples: GenerationBatch, reward_fn, c: TrainConfig) -> Scored:
     return Scored(flat, rewards, finished, pairs, skipped_ties)
 
 
+def server_timing_metrics(samples: GenerationBatch) -> dict:
+    """``gen_server_seconds`` (the server's engine on this batch) and ``gen_weights_wait_seconds`` (the
+    request waiting on the server for a reload to let go of the weights), when the server says."""
+    t = samples.server_timing
+    if t is None:
+        return {}
+    return {
+        "gen_server_seconds": round(t["generate_seconds"], 4),
+        "gen_weights_wait_seconds": round(t["weights_wait_seconds"], 4),
+    }
+
+
 def step_metrics(step: int, batch: Batch, scored: Scored, stats: StepStats, K: int) -> dict:
     """The metrics line of ``step``, timings aside."""
     rewards, pairs = scored.rewards, scored.pairs
@@ -263,6 +275,7 @@ def run_training(
                     ),
                     "wall_seconds": round(train_end - step_end, 4),
                 }
+                | server_timing_metrics(samples)  # one server: generating, or waiting behind a push
                 | replica_metrics(samples, offset)  # several generation replicas: what each did
                 | learner.memory_metrics()
             )
