@@ -148,7 +148,8 @@ def run_ours(name: str, starter: Path, args, seed: int, out: Path) -> dict:
     result["mean_staleness"] = statistics.mean(r["staleness"] for r in records)
     result["mean_pairs"] = statistics.mean(r.get("pairs", 0) for r in records)
     # where a step's time goes (medians over the steps after the first, which includes the first batch's wait)
-    for key in ("wall_seconds", "gen_seconds", "train_seconds", "push_seconds", "wait_seconds"):
+    keys = ("wall_seconds", "gen_seconds", "gen_server_seconds", "gen_weights_wait_seconds")
+    for key in (*keys, "train_seconds", "push_seconds", "wait_seconds"):
         values = [r[key] for r in records[1:] if key in r]
         if values:
             result[f"median_{key}"] = statistics.median(values)
