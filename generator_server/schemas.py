@@ -131,9 +131,10 @@ class WeightsSpec(BaseModel):
     transports: list[str] = ["http"]
     """How the server takes new weights: `http` (PUT /weights), `shared` (POST /weights/load, with a
     checkpoint root), `ipc` (CUDA IPC, the engine on a GPU of this host)."""
-    digests: list[str] = ["blake3", "chunked-sha256", "sha256"]
+    digests: list[str]
     """The body digests PUT /weights checks, preferred (cheapest to compute) first: `blake3`
-    (X-Weights-BLAKE3), `chunked-sha256` (X-Weights-Chunked-SHA256), `sha256` (X-Weights-SHA256)."""
+    (X-Weights-BLAKE3), `chunked-sha256` (X-Weights-Chunked-SHA256), `sha256` (X-Weights-SHA256); the list
+    is ``generator_server.weights.DIGESTS``."""
     host_id: str | None = None
     """The server's host identity (kernel boot id): a CUDA IPC sender must run on the same host."""
     gpu_uuid: str | None = None
