@@ -30,6 +30,7 @@ from trainer_client.config import TrainConfig
 from trainer_client.train import run_training
 
 STEPS = 5
+SWITCH_INTERVALS: list[float] = []  # sys.getswitchinterval() at each push of async_run
 REQUIRED_KEYS = {
     "step", "batch_weights_version", "staleness", "reward_mean", "reward_chosen", "reward_rejected", "loss",
     "kl", "gen_seconds", "train_seconds", "push_seconds", "wall_seconds",
@@ -58,13 +59,15 @@ def base_config(server, tiny_model_dir, length_task) -> dict:
 
 @pytest.fixture(scope="module")
 def async_run(base_config, tmp_path_factory):
-    """One run with max_staleness 1; records every PUT /weights the trainer made (a spy on the real push)."""
+    """One run with max_staleness 1; records every PUT /weights the trainer made (a spy on the real push),
+    and the thread switch interval each was made under."""
     pushed: list[int] = []
     real_push = ServerBackend.push
 
     def spy(self, state_dict, version):
         out = real_push(self, state_dict, version)
         pushed.append(version)
+        SWITCH_INTERVALS.append(sys.getswitchinterval())
         return out
 
     out_dir = tmp_path_factory.mktemp("async")
@@ -86,6 +89,12 @@ def test_run_completes_and_logs_every_step(async_run):
         assert 0 < r["gen_server_seconds"] + r["gen_weights_wait_seconds"] <= r["gen_seconds"]
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1 trains the reference itself
     assert Path(summary["final_checkpoint"], "model.safetensors").is_file()
+
+
+def test_thread_switch_interval_set_for_the_run_only(async_run):
+    """``gil_switch_ms`` (default 0.5) holds while the run's threads work, and Python's own comes back."""
+    assert SWITCH_INTERVALS and all(abs(i - 0.0005) < 1e-9 for i in SWITCH_INTERVALS)
+    assert sys.getswitchinterval() == pytest.approx(0.005)
 
 
 def test_server_version_advances_every_step(async_run, server):

@@ -171,6 +171,11 @@ class TrainConfig(BaseModel):
     max_staleness: int = Field(1, ge=0)
     """0 = synchronous on-policy; N >= 1 = a batch may come from a policy up to N versions older than the
     one being trained (generation of the next batch overlaps training)."""
+    gil_switch_ms: float | None = Field(0.5, gt=0)
+    """Python's thread switch interval during a run, in ms (`sys.setswitchinterval`; null keeps Python's
+    5 ms). The training thread launches GPU kernels almost without pause, and the producer and pusher
+    threads take the GIL back several times within each HTTP request; a short interval lets them in
+    sooner (docs/BENCHMARKS.md, section 7)."""
 
     # --- output ------------------------------------------------------------------------------------------
     output_dir: str = "runs/online-dpo"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -180,6 +181,9 @@ def run_training(
     learner = Learner(c, resume)  # models and optimizer (restored from `resume`); under torchrun, sharded
 
     with ExitStack() as cleanup:  # on any exit: threads stopped, files and connections closed
+        if c.gil_switch_ms is not None:  # (Python's own interval again after the run)
+            cleanup.callback(sys.setswitchinterval, sys.getswitchinterval())
+            sys.setswitchinterval(c.gil_switch_ms / 1000)
         cleanup.push(lambda _type, error, _tb: learner.close(error))  # (tells the other ranks to stop)
         if not learner.is_main:
             learner.follow()  # a rank other than 0 does what rank 0's learner asks, until it stops
