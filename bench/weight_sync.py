@@ -214,6 +214,8 @@ def _http(ctx: Context, name: str = "http", digests: list[str] | None = None) ->
     socket_seconds = ctx.socket_floor.send(body.chunks(), body.nbytes)
     parts = {"snapshot": snapshotted - started, "digest": digested - snapshotted}
     parts |= {"socket": socket_seconds, "load": out["load_seconds"]}
+    if out.get("receive_seconds") is not None:  # the server's side of the upload, for the push's breakdown
+        parts["server_receive"] = out["receive_seconds"]
     return Sample(push, socket_seconds + out["load_seconds"], parts | {"bytes": body.nbytes})
 
 
@@ -416,11 +418,12 @@ def markdown(args, machine: dict, rows: list[dict], hashing: dict[str, float]) -
         parts = row["median_parts_seconds"]
         table.append(
             [row["transport"], f"{row['bytes'] / 1e9:.3f}", row["push_seconds"], parts["snapshot"],
-             row["floor_seconds"], parts.get("socket", parts.get("read", parts.get("copy"))), parts["load"],
+             parts.get("server_receive", ""), row["floor_seconds"],
+             parts.get("socket", parts.get("read", parts.get("copy"))), parts["load"],
              f"{row['ratio']:.2f}", f"{row['ratio_best']:.2f}", row["floor"]]
         )  # fmt: skip
-    headers = ["transport", "GB", "push s", "of which snapshot s", "floor s", "bytes moved s",
-               "server reload s", "push / floor", "best / best", "floor is"]  # fmt: skip
+    headers = ["transport", "GB", "push s", "of which snapshot s", "server receiving s", "floor s",
+               "bytes moved s", "server reload s", "push / floor", "best / best", "floor is"]  # fmt: skip
     staging = f"on disk ({args.server_work_dir})" if args.server_work_dir else "auto (in memory when it fits)"
     params = human_params(count_params(SIZES[args.size]))
     return "\n".join(
@@ -431,8 +434,9 @@ def markdown(args, machine: dict, rows: list[dict], hashing: dict[str, float]) -
             "",
             f"Median of {args.rounds} rounds after {args.warmup} warm-up, transports in rotating order; "
             f"trainer torch threads {args.torch_threads}, policy on {args.policy_device}; server staging "
-            f"{staging}. push = snapshot + push as the trainer does it; floor = moving the bytes + the "
-            "server's reload (its load_seconds); "
+            f"{staging}. push = snapshot + push as the trainer does it; server receiving = the body's "
+            "first read to its last byte staged and checked (the server's receive_seconds); floor = moving "
+            "the bytes + the server's reload (its load_seconds); "
             "best / best = fastest push against fastest floor.",
             "",
             markdown_table(headers, table),

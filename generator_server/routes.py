@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -160,6 +161,7 @@ async def put_weights(
     length = request.headers.get("content-length")
     if length is not None and not length.isdigit():
         raise ApiError(400, "invalid Content-Length")
+    started = time.perf_counter()
     try:
         staged, size = await engine.store.receive(
             request.stream(),
@@ -177,7 +179,9 @@ async def put_weights(
             507, f"no room for the upload in the server's work folder ({e.strerror}); nothing was changed: "
             "free space there or give the server a larger --work-dir",
         ) from e  # fmt: skip
-    return await engine.update_weights(staged, size, version, source="upload")
+    received = time.perf_counter() - started
+    update = await engine.update_weights(staged, size, version, source="upload")
+    return update.model_copy(update={"receive_seconds": round(received, 6)})
 
 
 @protected.post("/weights/load", response_model=WeightsUpdate, responses=LOAD_REFUSED)

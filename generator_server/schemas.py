@@ -164,6 +164,9 @@ class WeightsUpdate(BaseModel):
     """Seconds the engine was paused for the swap (staging and validation not included)."""
     phase_seconds: dict[str, float] | None = None
     """Where ``load_seconds`` went, for transfers that report it (CUDA IPC: begin, load, wait, finish)."""
+    receive_seconds: float | None = None
+    """``PUT /weights``: seconds from the first read of the body to its last byte staged and its digests
+    checked, before the swap (the upload as the server saw it; None for other transfers)."""
 
 
 # --- /weights/ipc: CUDA IPC transfer sessions ---------------------------------------------------------------

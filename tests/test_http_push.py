@@ -39,6 +39,7 @@ from generator_server.weights import (
     parse_chunked_sha256,
 )
 from trainer_client import client as client_module
+from trainer_client.backends import ServerBackend
 from trainer_client.client import Blake3Digest, ChunkedSha256, GeneratorClient, PushTarget, SafetensorsBody
 from trainer_client.transports.base import host_snapshot
 from trainer_client.transports.http import HttpTransport, pick_digest
@@ -102,6 +103,7 @@ def fake_server(got: dict, digests: list[str] | None, fail_first_put: bool = Fal
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "GET":
+            got["gets"] = got.get("gets", 0) + 1
             spec = {"weights_version": 0, "tensors": {}} | ({"digests": digests} if digests else {})
             return httpx.Response(200, json=spec)
         got.setdefault("bodies", []).append(b"".join(request.stream))
@@ -299,6 +301,20 @@ def settle(work_dir: Path, version: int, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def test_backend_hands_its_transport_the_servers_digests():
+    """The trainer's backend reads ``GET /weights`` once at start-up; its HTTP transport hashes with the
+    digest listed there instead of asking the server again."""
+    got = {}
+    backend = ServerBackend(fake_server(got, list(DIGESTS)), push="http")
+    backend.weights_spec()
+    live = {n: t.float() if t.is_floating_point() else t for n, t in mixed_tensors().items()}
+    snapshot = backend.snapshot(live, {n: "bfloat16" for n in live})
+    backend.push(snapshot, version=1)
+    backend.close()
+    assert got["gets"] == 1
+    assert got["headers"] == {"x-weights-blake3": b3(got["bodies"][0])}
+
+
 class RecordingTransport(httpx.HTTPTransport):
     """httpx's own network transport, remembering the method, path and digest headers of each request."""
 
@@ -323,11 +339,14 @@ def test_push_of_a_snapshot_serves_those_weights(server, client, make_weights):
     path = make_weights(seed=41)
     try:
         snapshot = transport.snapshot(load_file(path), served_dtypes(gen))
+        started = time.perf_counter()
         out = transport.push(snapshot, version)
+        pushed = time.perf_counter() - started
     finally:
         transport.close()
         gen.close()
     assert out["weights_version"] == version and out["bytes"] == path.stat().st_size
+    assert 0 < out["receive_seconds"] < pushed  # the server's side of the upload, within the client's
     with open(path, "rb") as f:
         expected = blake3.blake3(f.read()).hexdigest()
     assert network.sent[-1] == ("PUT", "/weights", {"x-weights-blake3": expected})

@@ -14,7 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from trainer_client.client import Completion, GeneratorClient, GeneratorHTTPError, GeneratorUnavailable
+from trainer_client.client import (
+    Completion,
+    GeneratorClient,
+    GeneratorHTTPError,
+    GeneratorUnavailable,
+    PushTarget,
+)
 from trainer_client.config import TrainConfig
 from trainer_client.transports import WeightTransport, choose_transport, make_transport
 
@@ -87,15 +93,16 @@ class ServerBackend:
         self.client = client
         self.push_mode, self.device, self.config = push, device, config
         self.transport: WeightTransport | None = None
+        self.target: PushTarget | None = None  # what the server accepts (its last GET /weights)
 
     def wait_until_ready(self, timeout: float) -> None:
         self.client.wait_until_ready(timeout=timeout)
 
     def weights_spec(self) -> tuple[int, dict[str, tuple[list[int], str]]]:
-        spec = self.client.weights_spec()
+        spec = self.target = self.client.weights_spec()
         if self.transport is None:
             name = choose_transport(self.push_mode, spec, self.device)
-            self.transport = make_transport(name, self.client, self.config)
+            self.transport = make_transport(name, self.client, self.config, spec)
         return spec.weights_version, {k: (t.shape, t.dtype) for k, t in spec.tensors.items()}
 
     def version(self) -> int:
@@ -141,7 +148,7 @@ class ServerBackend:
 
             tensors = bucket_tensors(snapshot)
             dtypes = {n: str(t.dtype).removeprefix("torch.") for n, t in tensors.items()}
-            self.transport = make_transport("http", self.client, self.config)
+            self.transport = make_transport("http", self.client, self.config, self.target)
             return self.transport.push(self.transport.snapshot(tensors, dtypes), version)
 
     def close(self) -> None:

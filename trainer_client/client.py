@@ -114,6 +114,7 @@ class WeightsUpdate(BaseModel):
     bytes: int | None = None
     load_seconds: float | None = None
     phase_seconds: dict[str, float] | None = None
+    receive_seconds: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -60,13 +60,16 @@ def choose_transport(requested: str, target: PushTarget, device: str) -> str:
     return requested
 
 
-def make_transport(name: str, client: GeneratorClient, config=None) -> WeightTransport:
+def make_transport(
+    name: str, client: GeneratorClient, config=None, target: PushTarget | None = None
+) -> WeightTransport:
     """The transport called ``name`` (already resolved by :func:`choose_transport`); ``config`` (a
-    ``TrainConfig``) supplies ``shared_dir`` and ``ipc_bucket_mib``."""
+    ``TrainConfig``) supplies ``shared_dir`` and ``ipc_bucket_mib``; ``target`` (the server's ``GET
+    /weights``, if at hand) the digests ``http`` hashes with, which it asks for itself otherwise."""
     if name == "http":
         from trainer_client.transports.http import HttpTransport
 
-        return HttpTransport(client)
+        return HttpTransport(client, digests=target.digests if target is not None else None)
     if name == "shared":
         from trainer_client.transports.shared import SharedFolderTransport
 
