@@ -9,6 +9,8 @@
 #   bash bench/run_gpu.sh tests    # the server's test suite against the CUDA engine
 #   bash bench/run_gpu.sh learn-server learn-colocate   # the 308M-parameter demo in both modes
 #   bash bench/run_gpu.sh learn-server-2gpu    # server mode with the server on GPU 1, trainer on GPU 0
+#   bash bench/run_gpu.sh trl      # docs/BENCHMARKS.md section 7: server-async against TRL, 300m, REPEATS=2
+#                                  # runs of each, interleaved (about 8 minutes; TRL's wheels staged too)
 #   QUICK=1 bash bench/run_gpu.sh 1   # the same plumbing with --quick settings (CPU check)
 #
 # vLLM must be staged as ../shared/gpu/README.md describes (wheels copied to /root/stage); if it is not
@@ -63,8 +65,8 @@ for b in "$@"; do
     ipc) name=ipc_sync_gpu ;;
     sync) name=weight_sync ;;
     torchrun) name=torchrun_step ;;
-    tests|learn-server|learn-server-2gpu|learn-colocate) name=$b ;;
-    *) echo "unknown benchmark '$b' (choose 1, 2, 3, ipc, sync, torchrun, tests, learn-server, learn-server-2gpu or learn-colocate)"
+    tests|learn-server|learn-server-2gpu|learn-colocate|trl) name=$b ;;
+    *) echo "unknown benchmark '$b' (choose 1, 2, 3, ipc, sync, torchrun, tests, learn-server, learn-server-2gpu, learn-colocate or trl)"
        exit 2 ;;
   esac
   case $b in
@@ -78,6 +80,14 @@ for b in "$@"; do
       GENERATOR_IPC_LOAD=layerwise python3 -m pytest -q -p no:cacheprovider tests/test_ipc_gpu.py \
         > "$DEST/tests-ipc-layerwise.log" 2>&1
       rc2=$?; tail -n 5 "$DEST/tests-ipc-layerwise.log"; [ $rc2 -ne 0 ] && rc=$rc2
+      echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
+      continue ;;
+    trl)
+      echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
+      python3 bench/vs_trl.py --size 300m --device cuda --seeds 0 --steps 100 --configs server-async trl \
+        --repeats "${REPEATS:-2}" --work-dir runs/bench/vs_trl --out "$DEST/vs_trl.json" > "$DEST/vs_trl.log" 2>&1
+      rc=$?
+      grep -vE '^\(|^(INFO|WARNING|DEBUG) |it/s\]' "$DEST/vs_trl.log" | tail -n 30
       echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
       continue ;;
     learn-server|learn-server-2gpu|learn-colocate)

@@ -26,7 +26,8 @@ of every process of the run (server and trainer in server mode), sampled every `
 start to exit; on a GPU also the device's used memory above what was in use before.
 
 The configurations of a seed run one after the other, in an order rotated per seed so a slow patch of a
-shared machine does not always hit the same one. A configuration that fails (TRL not installed, TRL's
+shared machine does not always hit the same one; ``--repeats N`` runs that sequence N times (the summary
+averages over seeds and repeats). A configuration that fails (TRL not installed, TRL's
 vLLM path not running here) gets its error in the table; the others still run.
 
 This script does not import TRL: only ``bench/trl_run.py`` does, in its child process.
@@ -212,14 +213,17 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
         names[i : i + 1] = [f"trl-{g}" for g in generations]
     shift = seed % len(names)
     rows = []
-    for name in names[shift:] + names[:shift]:
+    runs = [(name, r) for r in range(1, args.repeats + 1) for name in names[shift:] + names[:shift]]
+    for name, repeat in runs:  # (repeats interleaved: a slow patch of the machine hits every configuration)
         if name == "trl-transformers" and args.trl_fallback and "trl-vllm" in names:
             vllm_rows = [r for r in rows if r["config"] == "trl-vllm"]
             if vllm_rows and "error" not in vllm_rows[0]:
                 continue  # the fallback is not needed: TRL's vLLM path ran
-        out = seed_dir / name
+        out = seed_dir / (name if args.repeats == 1 else f"{name}-{repeat}")
         out.mkdir(parents=True, exist_ok=True)
         row = {"seed": seed, "config": name, "before": before, "load_average_at_start": os.getloadavg()[0]}
+        if args.repeats > 1:
+            row["repeat"] = repeat
         print(f"[seed {seed}] {name}: training {args.steps} steps", flush=True)
         t0 = time.monotonic()
         try:
@@ -273,12 +277,13 @@ def per_run_table(rows: list[dict], gpu: bool) -> str:
     head = "| seed | configuration | generation | before | after | gain | training wall (s) | s / step "
     head += "| peak RSS (MiB) | peak PSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "")
     lines = [head, "|" + "|".join(["---:", "---", "---"] + ["---:"] * (7 + gpu)) + "|"]
-    for r in sorted(rows, key=lambda r: (r["seed"], r["config"])):
+    for r in sorted(rows, key=lambda r: (r["seed"], r["config"], r.get("repeat", 1))):
+        config = r["config"] + (f" #{r['repeat']}" if "repeat" in r else "")
         if "error" in r:
-            lines.append(f"| {r['seed']} | {r['config']} | failed: {r['error']} |" + " |" * (7 + gpu))
+            lines.append(f"| {r['seed']} | {config} | failed: {r['error']} |" + " |" * (7 + gpu))
             continue
         cells = [
-            str(r["seed"]), r["config"], r["generation"], f"{r['before']:.3f}", f"{r['after']:.3f}",
+            str(r["seed"]), config, r["generation"], f"{r['before']:.3f}", f"{r['after']:.3f}",
             f"{r['gain']:+.3f}", f"{r['train_wall_seconds']:.1f}", f"{r['seconds_per_step']:.2f}",
             f"{r['peak_rss_mib']:.0f}", f"{r['peak_pss_mib']:.0f}",
         ]  # fmt: skip
@@ -370,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's for --size (300 tiny)")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="runs of each configuration per seed, interleaved (wall times vary from run to run)",
+    )  # fmt: skip
     parser.add_argument("--size", default="tiny", choices=["tiny", "300m"], help="the demo's starter size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
