@@ -21,6 +21,9 @@ more entry):
   snapshot's bytes, + ``load_seconds``.
 - ``http-chunked``: the same with ``X-Weights-Chunked-SHA256`` (what ``http`` sends to a server that does
   not offer BLAKE3), whose 16 MiB chunks a pool of threads hashes while the snapshot is copied. Same floor.
+- ``stream``: ``StreamTransport``: the same snapshot and BLAKE3 digest, the body written to the server's
+  raw TCP stream port (``--stream-port``, which the benchmark's server gets when this transport runs)
+  instead of ``PUT /weights``. Same floor.
 - ``http-file``: the client before issue 10: the snapshot written to a temporary safetensors file, hashed
   by reading it, streamed by reading it again (``GeneratorClient.push_weights_file``). Same floor.
 - ``shared``: ``SharedFolderTransport``: the snapshot written to a file below the server's
@@ -197,7 +200,8 @@ class Context:
 
 
 def _http(ctx: Context, name: str = "http", digests: list[str] | None = None) -> Sample:
-    """``HttpTransport`` with the digest the server prefers, or the first of ``digests``."""
+    """``HttpTransport`` with the digest the server prefers, or the first of ``digests`` (or the transport
+    already in ``ctx.transports`` under ``name``)."""
     from trainer_client.transports.http import HttpTransport
 
     if name not in ctx.transports:
@@ -217,6 +221,14 @@ def _http(ctx: Context, name: str = "http", digests: list[str] | None = None) ->
     if out.get("receive_seconds") is not None:  # the server's side of the upload, for the push's breakdown
         parts["server_receive"] = out["receive_seconds"]
     return Sample(push, socket_seconds + out["load_seconds"], parts | {"bytes": body.nbytes})
+
+
+def _stream(ctx: Context) -> Sample:
+    """``StreamTransport``: ``http``'s snapshot and BLAKE3, the body on the server's stream port."""
+    from trainer_client.transports.stream import StreamTransport
+
+    ctx.transports.setdefault("stream", StreamTransport(ctx.client))
+    return _http(ctx, "stream")
 
 
 def _http_chunked(ctx: Context) -> Sample:
@@ -290,6 +302,7 @@ def _ipc(ctx: Context) -> Sample:
 TRANSPORTS: dict[str, Callable[[Context], Sample]] = {
     "http": _http,
     "http-chunked": _http_chunked,
+    "stream": _stream,
     "http-file": _http_file,
     "shared": _shared,
     "ipc": _ipc,
@@ -298,6 +311,7 @@ TRANSPORTS: dict[str, Callable[[Context], Sample]] = {
 FLOORS = {
     "http": "loopback TCP socket + server reload",
     "http-chunked": "loopback TCP socket + server reload",
+    "stream": "loopback TCP socket + server reload",
     "http-file": "loopback TCP socket + server reload",
     "shared": "file read + server reload",
     "ipc": "device-to-device copy + server reload",
@@ -324,6 +338,7 @@ def run_rounds(args, names: list[str], model_dir: Path, checkpoint_root: Path) -
         checkpoint_root=checkpoint_root,
         work_dir=args.server_work_dir,
         seed=args.seed,
+        extra=("--stream-port", "0") if "stream" in names else (),
     )
     policy = {
         n: (t.float() if t.is_floating_point() else t).to(args.policy_device)

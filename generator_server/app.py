@@ -26,6 +26,8 @@ from generator_server.openai_api import attach as attach_openai_api
 from generator_server.openai_api import starting as openai_starting
 from generator_server.routes import protected, router
 from generator_server.routes_ipc import router as ipc_router
+from generator_server.routes_stream import router as stream_router
+from generator_server.stream import StreamReceiver
 
 log = logging.getLogger("generator_server")
 
@@ -46,6 +48,15 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
                 except BaseException:
                     engine.shutdown()
                     raise
+                if settings.stream_port is not None:
+                    receiver = StreamReceiver(engine, settings.transfer_timeout)
+                    try:
+                        engine.stream_port = await receiver.start(settings.host, settings.stream_port)
+                    except BaseException:
+                        engine.shutdown()
+                        raise
+                    app.state.stream_receiver = receiver
+                    log.info("stream uploads on port %d", engine.stream_port)
                 app.state.engine = engine
             except Exception as e:
                 log.exception("the engine could not start")
@@ -60,6 +71,8 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
             yield
         finally:
             starting.cancel()
+            if app.state.stream_receiver is not None:
+                await app.state.stream_receiver.close()
             if app.state.engine is not None:
                 app.state.engine.shutdown()
 
@@ -69,11 +82,13 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     app.state.engine = None
     app.state.startup_error = None
     app.state.openai_error = None
+    app.state.stream_receiver = None
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(router)
     app.include_router(protected)
     app.include_router(openai_starting)  # 503 until the engine is up, then the OpenAI-compatible routes
     app.include_router(ipc_router)
+    app.include_router(stream_router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

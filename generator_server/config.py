@@ -88,7 +88,17 @@ class ServerSettings(BaseSettings):
     transfer_timeout: float = Field(
         60.0,
         gt=0,
-        description="Seconds a CUDA IPC weight transfer may go without a bucket before it is aborted.",
+        description="Seconds a CUDA IPC weight transfer may go without a bucket, or a stream upload without "
+        "a byte, before it is aborted.",
+    )
+    stream_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also take weight uploads as raw TCP streams on this port of --host (0: any free port; "
+        "GET /weights says which): the bytes go straight into the staged file, 2-3x faster than PUT /weights "
+        "through the HTTP server. Checked like a PUT (BLAKE3, names, shapes) but not encrypted: no TLS on "
+        "this port. Unset: off.",
     )
     ipc_load: Literal["auto", "layerwise", "direct"] = Field(
         "auto",
@@ -104,4 +114,9 @@ class ServerSettings(BaseSettings):
     def _check_tls(self) -> ServerSettings:
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("give both --ssl-certfile and --ssl-keyfile, or neither")
+        if self.ssl_certfile is not None and self.stream_port is not None:
+            raise ValueError(
+                "--stream-port carries weights without TLS; with --ssl-certfile leave it unset (PUT /weights "
+                "goes over HTTPS)"
+            )
         return self

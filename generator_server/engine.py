@@ -106,6 +106,8 @@ class GenerationEngine:
         self.host_id = host_id()
         self.gpu_uuid: str | None = None
         """UUID of the GPU the engine's worker runs on (None on CPU)."""
+        self.stream_port: int | None = None
+        """The port of stream uploads, once it listens (``generator_server/stream.py``)."""
         self._weights_lock = ReadersWriterLock()
         metrics.requests_running.set_function(lambda: self._weights_lock.readers)
         metrics.weight_loads_waiting.set_function(lambda: self._weights_lock.writers_waiting)
@@ -320,6 +322,7 @@ class GenerationEngine:
             digests=list(DIGESTS),
             host_id=self.host_id,
             gpu_uuid=self.gpu_uuid,
+            stream_port=self.stream_port,
         )
 
     async def weights_digest(self) -> WeightsDigest:
@@ -332,13 +335,16 @@ class GenerationEngine:
     @property
     def transports(self) -> list[str]:
         """How this server takes new weights: always ``http``; ``shared`` (POST /weights/load) with a
-        checkpoint root; ``ipc`` when one worker holds the whole model on a CUDA GPU."""
+        checkpoint root; ``ipc`` when one worker holds the whole model on a CUDA GPU; ``stream`` with a
+        stream port."""
         offered = ["http"]
         if self.settings.checkpoint_root is not None:
             offered.append("shared")
         one_worker = self.settings.tensor_parallel_size == 1 and self.settings.data_parallel_size == 1
         if self.gpu_uuid is not None and one_worker:
             offered.append("ipc")
+        if self.stream_port is not None:
+            offered.append("stream")
         return offered
 
     def check_version(self, version: int) -> None:

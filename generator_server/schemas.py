@@ -130,7 +130,8 @@ class WeightsSpec(BaseModel):
     tensors: dict[str, TensorSpec]
     transports: list[str] = ["http"]
     """How the server takes new weights: `http` (PUT /weights), `shared` (POST /weights/load, with a
-    checkpoint root), `ipc` (CUDA IPC, the engine on a GPU of this host)."""
+    checkpoint root), `ipc` (CUDA IPC, the engine on a GPU of this host), `stream` (the body on a raw TCP
+    port, with --stream-port)."""
     digests: list[str]
     """The body digests PUT /weights checks, preferred (cheapest to compute) first: `blake3`
     (X-Weights-BLAKE3), `chunked-sha256` (X-Weights-Chunked-SHA256), `sha256` (X-Weights-SHA256); the list
@@ -139,6 +140,8 @@ class WeightsSpec(BaseModel):
     """The server's host identity (kernel boot id): a CUDA IPC sender must run on the same host."""
     gpu_uuid: str | None = None
     """UUID of the GPU the engine runs on (null on CPU): a CUDA IPC sender's buffers must live there."""
+    stream_port: int | None = None
+    """TCP port of stream uploads (`--stream-port`; null when off): see /weights/stream/begin."""
 
 
 class WeightsDigest(BaseModel):
@@ -167,6 +170,28 @@ class WeightsUpdate(BaseModel):
     receive_seconds: float | None = None
     """``PUT /weights``: seconds from the first read of the body to its last byte staged and its digests
     checked, before the swap (the upload as the server saw it; None for other transfers)."""
+
+
+# --- /weights/stream: uploads on the stream port -----------------------------------------------------------
+class StreamBeginRequest(_Request):
+    """Open an upload of one version whose body (a safetensors file, as PUT /weights takes it) will come on
+    the stream port."""
+
+    version: Int = Field(ge=0, description="New weights version; must exceed the current one.")
+    bytes: Int = Field(ge=8, description="Exact size of the body in bytes.")
+    blake3: str = Field(description="BLAKE3 of the body, 64 hex digits: checked before the swap.")
+
+
+class StreamBeginResponse(BaseModel):
+    session: str
+    ticket: str
+    """64 hex digits: its 32 bytes must be the first the connection to the stream port sends, then the body.
+    Good for one connection."""
+    port: int
+    """The stream port (on the host of this server's URL)."""
+    timeout_seconds: float
+    """The session fails when nothing arrives for this long (and when no commit comes this long after the
+    body)."""
 
 
 # --- /weights/ipc: CUDA IPC transfer sessions ---------------------------------------------------------------

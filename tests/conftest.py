@@ -156,7 +156,8 @@ def server_work_dir(tmp_path_factory) -> Path:
 def server(tiny_model_dir, checkpoint_root, server_work_dir) -> Iterator[ServerHandle]:
     """One real server (real vLLM CPU engine) on the tiny model, with an API key, for the whole session.
 
-    Context 256 tokens, uploads up to ``MAX_UPLOAD_BYTES``, ``/weights/load`` below ``checkpoint_root``."""
+    Context 256 tokens, uploads up to ``MAX_UPLOAD_BYTES``, ``/weights/load`` below ``checkpoint_root``, a
+    stream port (so a trainer's ``push: auto`` sends its weights there)."""
     with running_server(
         tiny_model_dir,
         "--api-key", API_KEY,
@@ -165,6 +166,7 @@ def server(tiny_model_dir, checkpoint_root, server_work_dir) -> Iterator[ServerH
         "--max-upload-bytes", str(MAX_UPLOAD_BYTES),
         "--max-model-len", "256",
         "--transfer-timeout", str(TRANSFER_TIMEOUT),
+        "--stream-port", "0",
     ) as handle:  # fmt: skip
         print(f"\ngeneration server healthy after {handle.start_seconds:.1f} s (log: {handle.log_path})")
         yield handle

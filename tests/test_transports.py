@@ -26,7 +26,8 @@ from trainer_client.transports.ipc import ALIGN, bucket_tensors, host_id, pack_b
 def test_cpu_server_offers_http_and_shared_and_says_where_it_runs(client):
     spec = client.get("/weights").json()
     # the shared server has a --checkpoint-root; CUDA IPC is offered by an engine on a GPU only
-    assert spec["transports"] == ["http", "shared"] + (["ipc"] if ON_GPU else [])
+    assert spec["transports"] == ["http", "shared"] + (["ipc"] if ON_GPU else []) + ["stream"]
+    assert isinstance(spec["stream_port"], int) and spec["stream_port"] > 0
     assert spec["digests"] == ["blake3", "chunked-sha256", "sha256"]  # the PUT /weights digests, best first
     assert (spec["gpu_uuid"] is None) == (not ON_GPU)
     assert spec["host_id"] == host_id() == server_host_id()  # same machine, as the trainer sees it
@@ -37,6 +38,14 @@ def test_auto_picks_http_for_a_cpu_trainer_or_another_gpu():
     assert choose_transport("auto", here, "cpu") == "http"
     assert choose_transport("auto", PushTarget(), "cpu") == "http"  # an older server says nothing: http
     assert choose_transport("http", here, "cpu") == "http"
+
+
+def test_auto_picks_the_stream_port_when_the_server_has_one():
+    streaming = PushTarget(transports=["http", "stream"], stream_port=9000)
+    assert choose_transport("auto", streaming, "cpu") == "stream"
+    assert choose_transport("http", streaming, "cpu") == "http"  # asked for by name: as asked
+    with pytest.raises(TransportError, match="--stream-port"):
+        choose_transport("stream", PushTarget(), "cpu")
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from trainer_client.client import (
 )
 from trainer_client.config import TrainConfig
 from trainer_client.transports import WeightTransport, choose_transport, make_transport
+from trainer_client.transports.stream import StreamUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,14 @@ class ServerBackend:
         transport = self._transport()
         try:
             return transport.push(snapshot, version)
+        except StreamUnreachable as e:
+            if self.push_mode != "auto":
+                raise
+            # The server offers a stream port this trainer cannot reach (not published, a firewall): `auto`
+            # sends the same body by PUT /weights from now on.
+            log.warning("%s; push: auto falls back to http", e)
+            self.transport = make_transport("http", self.client, self.config, self.target)
+            return self.transport.push(snapshot, version)
         except GeneratorHTTPError as e:
             if not (self.push_mode == "auto" and transport.name == "ipc" and e.status_code == 400):
                 raise

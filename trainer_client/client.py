@@ -102,6 +102,8 @@ class PushTarget(BaseModel):
     """Identity of the server's host (its kernel boot id): CUDA IPC needs the trainer on the same one."""
     gpu_uuid: str | None = None
     """UUID of the GPU the server's engine runs on (None on CPU)."""
+    stream_port: int | None = None
+    """Port of the server's stream uploads (``stream`` in ``transports``), on the host of its URL."""
 
 
 class WeightsSpec(PushTarget):
@@ -609,6 +611,22 @@ class GeneratorClient:
     def ipc_abort(self, session: str) -> None:
         """``DELETE /weights/ipc/{session}``: give up; the server goes back to the version it served."""
         self._request("DELETE", f"/weights/ipc/{session}", retries=0)
+
+    # --- stream uploads (see trainer_client/transports/stream.py) ---------------------------------------
+    def stream_begin(self, version: int, nbytes: int, blake3_hex: str) -> dict:
+        """``POST /weights/stream/begin``: open an upload of ``nbytes`` whose BLAKE3 is ``blake3_hex``;
+        returns ``session``, ``ticket`` (hex), ``port`` and ``timeout_seconds``."""
+        body = {"version": version, "bytes": nbytes, "blake3": blake3_hex}
+        return self._request("POST", "/weights/stream/begin", json=body).json()
+
+    def stream_commit(self, session: str) -> WeightsUpdate:
+        """``POST /weights/stream/{session}/commit``: wait for the body, check it, serve it."""
+        response = self._request("POST", f"/weights/stream/{session}/commit", retries=0)  # (one session)
+        return WeightsUpdate.model_validate(response.json())
+
+    def stream_abort(self, session: str) -> None:
+        """``DELETE /weights/stream/{session}``: give up the upload (the served version stays)."""
+        self._request("DELETE", f"/weights/stream/{session}", retries=0)
 
     def metrics(self) -> str:
         """``GET /metrics`` (Prometheus text format)."""

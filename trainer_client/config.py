@@ -53,12 +53,14 @@ class TrainConfig(BaseModel):
     up to 10 s apart (10 retries: about 1.5 minutes, enough for a small server to restart)."""
     connect_timeout: float = Field(60.0, gt=0)
     """Seconds to wait at start-up for the server to answer /health before giving up."""
-    push: Literal["auto", "http", "shared", "ipc"] = "auto"
+    push: Literal["auto", "http", "shared", "ipc", "stream"] = "auto"
     """How new weights reach the server (trainer_client/transports): `http` streams them in `PUT /weights`
-    (works across hosts); `shared` writes them under `shared_dir` and has the server read them with
+    (works across hosts); `stream` sends the same body to the server's raw TCP port (its --stream-port:
+    2-3x faster, unencrypted); `shared` writes them under `shared_dir` and has the server read them with
     `POST /weights/load` (same host or shared volume; the folder must be inside the server's
     --checkpoint-root); `ipc` hands GPU buffers over by CUDA IPC (trainer and server on the same GPU: no host
-    copy, no disk); `auto` picks `ipc` when the server says it runs on the trainer's GPU, else `http`."""
+    copy, no disk); `auto` picks `ipc` when the server says it runs on the trainer's GPU, else `stream` when
+    the server has a stream port (`http` if it cannot be reached), else `http`."""
     ipc_bucket_mib: int = Field(1024, ge=1)
     """`push: ipc`: size of the GPU buffers the weights are packed into, in MiB (a larger tensor gets one of
     its own)."""

@@ -7,13 +7,15 @@ Every transport has the same two calls (see :class:`~trainer_client.transports.b
 * ``push(snapshot, version)`` runs in the pusher thread and makes the server serve it as ``version``.
 
 ``push`` in the trainer config picks one by name; ``auto`` asks the server what it accepts and where it runs
-(``GET /weights``): CUDA IPC when the server's engine is on this very GPU of this host, else HTTP.
+(``GET /weights``): CUDA IPC when the server's engine is on this very GPU of this host, else its stream port
+when it has one, else HTTP.
 
 =========  ===========================================  =======================================
 name       how                                          when
 =========  ===========================================  =======================================
 ``http``   ``PUT /weights``, safetensors streamed       anywhere the server's URL reaches
 ``shared`` a file in a shared folder + ``/weights/load``  same host or a shared volume
+``stream`` the same body on the server's raw TCP port    the server has ``--stream-port``, reachable
 ``ipc``    CUDA IPC handles of GPU buckets, as JSON      trainer and server on one GPU
 ``nccl``   (reserved: a broadcast to the server's GPUs)  trainer and server on different GPUs
 =========  ===========================================  =======================================
@@ -24,7 +26,7 @@ from __future__ import annotations
 from trainer_client.client import GeneratorClient, PushTarget
 from trainer_client.transports.base import TransportError, WeightTransport
 
-TRANSPORTS = ("http", "shared", "ipc")
+TRANSPORTS = ("http", "shared", "ipc", "stream")
 
 
 def choose_transport(requested: str, target: PushTarget, device: str) -> str:
@@ -37,11 +39,12 @@ def choose_transport(requested: str, target: PushTarget, device: str) -> str:
         here = local_gpu(device)
         if "ipc" in offered and here is not None and here == (target.host_id, target.gpu_uuid):
             return "ipc"
-        return "http"
+        return "stream" if "stream" in offered and target.stream_port is not None else "http"
     if requested not in offered:
         hint = {
             "ipc": " (CUDA IPC needs the server's engine on a GPU of this host)",
             "shared": " (start the server with --checkpoint-root)",
+            "stream": " (start the server with --stream-port)",
         }.get(requested, "")
         raise TransportError(
             f"push: {requested} is not offered by the server, which accepts {offered}{hint}; "
@@ -76,6 +79,10 @@ def make_transport(
         if not getattr(config, "shared_dir", None):
             raise TransportError("push: shared needs shared_dir (a folder the server can read)")
         return SharedFolderTransport(client, config.shared_dir, config.shared_dir_on_server)
+    if name == "stream":
+        from trainer_client.transports.stream import StreamTransport
+
+        return StreamTransport(client, timeout=getattr(config, "request_timeout", 600.0))
     if name == "ipc":
         from trainer_client.transports.ipc import IpcTransport
 

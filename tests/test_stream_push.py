@@ -1,0 +1,194 @@
+"""Stream uploads: the body of a push on the server's raw TCP port (``--stream-port``), against the real
+server (the shared one has a stream port).
+
+What a user relies on: a stream push serves exactly the weights a ``PUT /weights`` of the same file serves;
+anything short of a whole, matching body (cut half-way, too long, a wrong digest, silence, a wrong ticket)
+is refused with a clear answer and leaves the version served before in place, its staging cleaned up; and a
+trainer whose ``push: auto`` cannot reach the port sends by ``PUT /weights`` instead.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import blake3
+import httpx
+import pytest
+from conftest import API_KEY, TRANSFER_TIMEOUT, same_outputs
+from safetensors.torch import load_file
+
+from trainer_client.backends import ServerBackend
+from trainer_client.client import GeneratorClient
+from trainer_client.transports.stream import StreamTransport
+
+PROBE = {"prompts": ["The cat sat", "Hello world, this is"], "max_tokens": 12, "temperature": 0.0}
+
+
+def probe(client: httpx.Client) -> dict:
+    response = client.post("/generate", json={**PROBE, "logprobs": True, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return same_outputs(a, {**b, "weights_version": a["weights_version"]})
+
+
+def next_version(client: httpx.Client) -> int:
+    return client.get("/weights").json()["weights_version"] + 1
+
+
+def begin(client: httpx.Client, version: int, body: bytes, digest: str | None = None) -> dict:
+    r = client.post(
+        "/weights/stream/begin",
+        json={"version": version, "bytes": len(body), "blake3": digest or blake3.blake3(body).hexdigest()},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def send(server_url: str, begun: dict, data: bytes, ticket: bytes | None = None) -> None:
+    """Connect to the stream port, write the ticket and ``data``, close (a server that closes the
+    connection first, as it does on a bad ticket or too many bytes, ends the sending)."""
+    host = httpx.URL(server_url).host
+    with socket.create_connection((host, begun["port"]), timeout=30) as conn:
+        try:
+            conn.sendall(ticket if ticket is not None else bytes.fromhex(begun["ticket"]))
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)  # until the server closes its side: it has read everything it takes
+        except OSError:  # reset, broken pipe, not connected
+            pass
+
+
+def staging_is_tidy(work_dir: Path, timeout: float = 10.0) -> bool:
+    """Nothing left but the served copy (a refused upload's staging folder is gone)."""
+    deadline = time.monotonic() + timeout
+    while any(p.name.startswith("staging-") for p in work_dir.iterdir()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_stream_push_serves_what_put_serves(server, client, make_weights):
+    """``StreamTransport`` (what ``push: auto`` picks here) serves the very weights a PUT of the same file
+    serves, and says how long the server took to receive them."""
+    path = make_weights(seed=71)
+    before = probe(client)
+    version = next_version(client)
+    with GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0) as gen:
+        transport = StreamTransport(gen)
+        dtypes = {name: spec.dtype for name, spec in gen.weights_spec().tensors.items()}
+        try:
+            out = transport.push(transport.snapshot(load_file(path), dtypes), version)
+        finally:
+            transport.close()
+    assert out["weights_version"] == version and out["receive_seconds"] > 0
+    streamed = probe(client)
+    assert streamed["weights_version"] == version and not same_weights(streamed, before)
+    assert server.push(path, version + 1).status_code == 200  # the reference: the same file over PUT
+    assert same_weights(probe(client), streamed)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("cut", "ended after"),
+        ("long", "more than the"),
+        ("digest", "BLAKE3 mismatch"),
+    ],
+)
+def test_a_broken_upload_is_refused_and_changes_nothing(
+    case, message, server, client, make_weights, server_work_dir
+):
+    body = make_weights(seed=72).read_bytes()
+    before = probe(client)
+    version = next_version(client)
+    if case == "cut":  # the sender dies half-way
+        begun = begin(client, version, body)
+        send(server.url, begun, body[: len(body) // 2])
+    elif case == "long":
+        begun = begin(client, version, body[:-1])
+        send(server.url, begun, body)
+    else:
+        begun = begin(client, version, body, digest="0" * 64)
+        send(server.url, begun, body)
+    r = client.post(f"/weights/stream/{begun['session']}/commit")
+    assert r.status_code == 400 and message in r.json()["detail"], r.text
+    after = probe(client)
+    assert after["weights_version"] == version - 1 and same_weights(after, before)
+    assert staging_is_tidy(server_work_dir)
+
+
+def test_a_wrong_ticket_is_turned_away_and_the_right_one_still_works(server, client, make_weights):
+    body = make_weights(seed=73).read_bytes()
+    version = next_version(client)
+    begun = begin(client, version, body)
+    send(server.url, begun, body, ticket=bytes(32))  # not this session's ticket: closed, nothing taken
+    send(server.url, begun, body)
+    r = client.post(f"/weights/stream/{begun['session']}/commit")
+    assert r.status_code == 200, r.text
+    assert r.json()["weights_version"] == version
+
+
+def test_a_used_ticket_cannot_send_again(server, client, make_weights):
+    body = make_weights(seed=74).read_bytes()
+    version = next_version(client)
+    begun = begin(client, version, body)
+    send(server.url, begun, body)
+    send(server.url, begun, b"x" * 64)  # a second connection with the same ticket is turned away
+    r = client.post(f"/weights/stream/{begun['session']}/commit")
+    assert r.status_code == 200 and r.json()["weights_version"] == version, r.text
+
+
+def test_silence_ends_the_session(server, client, make_weights, server_work_dir):
+    """A session whose body never comes is dropped after --transfer-timeout; its commit then says so."""
+    body = make_weights(seed=75).read_bytes()
+    version = next_version(client)
+    begun = begin(client, version, body)
+    time.sleep(TRANSFER_TIMEOUT + 1.5)
+    r = client.post(f"/weights/stream/{begun['session']}/commit")
+    assert r.status_code == 404 and "timed out" in r.json()["detail"]
+    assert client.get("/weights").json()["weights_version"] == version - 1
+    assert staging_is_tidy(server_work_dir)
+
+
+def test_begin_refuses_what_it_can_see_at_once(server, client):
+    version = next_version(client)
+    body = {"version": version - 1, "bytes": 1000, "blake3": "0" * 64}
+    r = client.post("/weights/stream/begin", json=body)
+    assert r.status_code == 409 and "not greater than the served version" in r.json()["detail"]
+    r = client.post("/weights/stream/begin", json={**body, "version": version, "bytes": 2**50})
+    assert r.status_code == 413 and "--max-upload-bytes" in r.json()["detail"]
+    r = client.post("/weights/stream/begin", json={**body, "version": version, "blake3": "xyz"})
+    assert r.status_code == 400 and "X-Weights-BLAKE3" in r.json()["detail"]
+    with httpx.Client(base_url=server.url) as anonymous:
+        assert anonymous.post("/weights/stream/begin", json=body).status_code == 401
+    assert client.get("/weights").json()["weights_version"] == version - 1
+
+
+def test_auto_falls_back_to_http_when_the_port_cannot_be_reached(server, client, make_weights):
+    """A stream port the trainer cannot reach (here: a port nobody listens on) costs one refused
+    connection; ``push: auto`` then sends the same snapshot by PUT /weights, and the run goes on."""
+    path = make_weights(seed=76)
+    version = next_version(client)
+    gen = GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0)
+    backend = ServerBackend(gen, push="auto")
+    try:
+        backend.weights_spec()
+        assert backend.transport.name == "stream"
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            dead_port = closed.getsockname()[1]
+        real_begin = gen.stream_begin
+        gen.stream_begin = lambda *a, **k: {**real_begin(*a, **k), "port": dead_port}
+        dtypes = {name: spec.dtype for name, spec in gen.weights_spec().tensors.items()}
+        out = backend.push(backend.snapshot(load_file(path), dtypes), version)
+        assert out["weights_version"] == version
+        assert backend.transport.name == "http"
+    finally:
+        backend.close()
+    assert client.get("/weights").json()["weights_version"] == version
