@@ -173,9 +173,9 @@ class StreamReceiver:
             self.engine.store.discard(session.staged)
 
     async def _watch(self, session: StreamSession) -> None:
-        """Fail a session that hears nothing for ``timeout`` seconds (before its body is in, or, once it
-        is, before the commit comes)."""
-        while session.id in self.sessions and not session.committing:
+        """Fail a session that hears nothing for ``timeout`` seconds: no byte while its body is due (a
+        commit may be waiting for it), or no commit once the body is in."""
+        while session.id in self.sessions and not (session.committing and session.done.done()):
             idle = time.monotonic() - session.heard
             if idle >= self.timeout:
                 log.warning("stream upload of version %d: nothing for %.0f s; dropped", session.version, idle)
@@ -253,6 +253,13 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # a connection that does not name its session in time is closed (it would hold a socket forever)
+        self.deadline = asyncio.get_running_loop().call_later(self.receiver.timeout, self._no_ticket)
+
+    def _no_ticket(self) -> None:
+        if self.session is None:
+            log.warning("stream port: no ticket within %.0f s; connection closed", self.receiver.timeout)
+            self.transport.close()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         session = self.session
@@ -287,5 +294,6 @@ class _Connection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.deadline.cancel()
         if self.session is not None:
             self.receiver.ended_early(self.session, f"the connection was lost ({exc or 'closed'})")

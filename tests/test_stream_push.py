@@ -20,7 +20,7 @@ from conftest import API_KEY, TRANSFER_TIMEOUT, same_outputs
 from safetensors.torch import load_file
 
 from trainer_client.backends import ServerBackend
-from trainer_client.client import GeneratorClient
+from trainer_client.client import GeneratorClient, GeneratorHTTPError
 from trainer_client.transports.stream import StreamTransport
 
 PROBE = {"prompts": ["The cat sat", "Hello world, this is"], "max_tokens": 12, "temperature": 0.0}
@@ -192,3 +192,46 @@ def test_auto_falls_back_to_http_when_the_port_cannot_be_reached(server, client,
     finally:
         backend.close()
     assert client.get("/weights").json()["weights_version"] == version
+
+
+def test_every_wait_ends(server, client, make_weights, server_work_dir):
+    """A commit waiting for a body that stops coming (the connection left open) gets 408 after
+    --transfer-timeout, and a connection that never sends its ticket is closed after as long."""
+    body = make_weights(seed=77).read_bytes()
+    version = next_version(client)
+    begun = begin(client, version, body)
+    host = httpx.URL(server.url).host
+    with (
+        socket.create_connection((host, begun["port"]), timeout=30) as stalled,
+        socket.create_connection((host, begun["port"]), timeout=30) as silent,
+    ):
+        stalled.sendall(bytes.fromhex(begun["ticket"]) + body[:1000])
+        started = time.monotonic()
+        r = client.post(f"/weights/stream/{begun['session']}/commit", timeout=TRANSFER_TIMEOUT * 4)
+        assert r.status_code == 408 and "nothing arrived" in r.json()["detail"], r.text
+        assert time.monotonic() - started < TRANSFER_TIMEOUT * 3
+        silent.settimeout(TRANSFER_TIMEOUT * 2)
+        assert silent.recv(1) == b""  # closed by the server
+    assert client.get("/weights").json()["weights_version"] == version - 1
+    assert staging_is_tidy(server_work_dir)
+
+
+def test_auto_falls_back_to_http_when_the_server_refuses_the_stream(server, client, make_weights):
+    """A restarted server may come back without its stream port: its 400 makes ``push: auto`` send the
+    same snapshot by PUT /weights."""
+    path = make_weights(seed=78)
+    version = next_version(client)
+    gen = GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0)
+    backend = ServerBackend(gen, push="auto")
+    try:
+        backend.weights_spec()
+
+        def refuse(*args, **kwargs):
+            raise GeneratorHTTPError(400, "this server takes no stream uploads", "POST", "/weights/stream")
+
+        gen.stream_begin = refuse
+        dtypes = {name: spec.dtype for name, spec in gen.weights_spec().tensors.items()}
+        out = backend.push(backend.snapshot(load_file(path), dtypes), version)
+        assert out["weights_version"] == version and backend.transport.name == "http"
+    finally:
+        backend.close()

@@ -242,6 +242,7 @@ def test_server_restart_mid_run(sync_run, server, tiny_model_dir, tmp_path, capl
         with running_server(tiny_model_dir, "--api-key", server.api_key) as fresh:
             proxy.restart_after_put(2 + offset, fresh.url)
             run_config = dict(config, server_url=proxy.url, output_dir=str(tmp_path), checkpoint_every=0)
+            run_config["push"] = "http"  # through the proxy (the server's stream port would go around it)
             with caplog.at_level(logging.WARNING, logger="trainer_client"):
                 summary = run_training(TrainConfig(**run_config))
             assert fresh.weights_version() == summary["server_version"] == 4 + offset

@@ -138,26 +138,25 @@ class ServerBackend:
         transport = self._transport()
         try:
             return transport.push(snapshot, version)
-        except StreamUnreachable as e:
-            if self.push_mode != "auto":
+        except (StreamUnreachable, GeneratorHTTPError) as e:
+            refused = isinstance(e, GeneratorHTTPError) and e.status_code == 400
+            if not (self.push_mode == "auto" and transport.name in ("ipc", "stream")):
                 raise
-            # The server offers a stream port this trainer cannot reach (not published, a firewall): `auto`
-            # sends the same body by PUT /weights from now on.
-            log.warning("%s; push: auto falls back to http", e)
+            if not (refused or isinstance(e, StreamUnreachable)):
+                raise
+            # `auto` chose a fast path the server or this host cannot take after all: CUDA IPC handles that
+            # cannot be opened (containers without a shared IPC namespace), a stream port that cannot be
+            # reached (not published, a firewall) or that a restarted server no longer has. The failed
+            # transfer left the server serving a whole version; this push sends a whole one by PUT /weights,
+            # and so does every push after it.
+            log.warning("%s push failed (%s); push: auto falls back to http", transport.name, e)
             self.transport = make_transport("http", self.client, self.config, self.target)
-            return self.transport.push(snapshot, version)
-        except GeneratorHTTPError as e:
-            if not (self.push_mode == "auto" and transport.name == "ipc" and e.status_code == 400):
-                raise
-            # Same GPU, but the handles could not be opened (e.g. containers without a shared IPC
-            # namespace): `auto` falls back to HTTP for the rest of the run. The failed transfer left the
-            # server serving a whole version, and this push sends a whole one.
-            log.warning("CUDA IPC push refused (%s); push: auto falls back to http", e.detail)
+            if transport.name == "stream":
+                return self.transport.push(snapshot, version)  # the same snapshot: a host copy with BLAKE3
             from trainer_client.transports.ipc import bucket_tensors
 
             tensors = bucket_tensors(snapshot)
             dtypes = {n: str(t.dtype).removeprefix("torch.") for n, t in tensors.items()}
-            self.transport = make_transport("http", self.client, self.config, self.target)
             return self.transport.push(self.transport.snapshot(tensors, dtypes), version)
 
     def close(self) -> None:
