@@ -188,7 +188,7 @@ class StreamReceiver:
         """The open session whose ticket this is, now bound to ``connection`` (None: no such session)."""
         for session in self.sessions.values():
             if hmac.compare_digest(session.ticket, ticket):
-                if session.connection is not None or session.committing:
+                if session.connection is not None:
                     return None  # one connection per ticket
                 session.connection, session.heard = connection, time.monotonic()
                 return session
