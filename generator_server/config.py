@@ -96,9 +96,9 @@ class ServerSettings(BaseSettings):
         ge=0,
         le=65535,
         description="Also take weight uploads as raw TCP streams on this port of --host (0: any free port; "
-        "GET /weights says which): the bytes go straight into the staged file, 2-3x faster than PUT /weights "
-        "through the HTTP server. Checked like a PUT (BLAKE3, names, shapes) but not encrypted: no TLS on "
-        "this port. Unset: off.",
+        "GET /weights says which): the bytes go straight into the staged file instead of through the HTTP "
+        "server's copies. Checked like a PUT (BLAKE3, names, shapes) but not encrypted: no TLS on this "
+        "port. Unset: off.",
     )
     ipc_load: Literal["auto", "layerwise", "direct"] = Field(
         "auto",

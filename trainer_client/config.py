@@ -55,12 +55,12 @@ class TrainConfig(BaseModel):
     """Seconds to wait at start-up for the server to answer /health before giving up."""
     push: Literal["auto", "http", "shared", "ipc", "stream"] = "auto"
     """How new weights reach the server (trainer_client/transports): `http` streams them in `PUT /weights`
-    (works across hosts); `stream` sends the same body to the server's raw TCP port (its --stream-port:
-    2-3x faster, unencrypted); `shared` writes them under `shared_dir` and has the server read them with
-    `POST /weights/load` (same host or shared volume; the folder must be inside the server's
-    --checkpoint-root); `ipc` hands GPU buffers over by CUDA IPC (trainer and server on the same GPU: no host
-    copy, no disk); `auto` picks `ipc` when the server says it runs on the trainer's GPU, else `stream` when
-    the server has a stream port (`http` if it cannot be reached), else `http`."""
+    (works across hosts); `stream` sends the same body to the server's raw TCP port (its --stream-port;
+    received without the HTTP server's copies, unencrypted); `shared` writes them under `shared_dir` and has
+    the server read them with `POST /weights/load` (same host or shared volume; the folder must be inside
+    the server's --checkpoint-root); `ipc` hands GPU buffers over by CUDA IPC (trainer and server on the same
+    GPU: no host copy, no disk); `auto` picks `ipc` when the server says it runs on the trainer's GPU, else
+    `stream` when the server has a stream port (`http` if it cannot be reached), else `http`."""
     ipc_bucket_mib: int = Field(1024, ge=1)
     """`push: ipc`: size of the GPU buffers the weights are packed into, in MiB (a larger tensor gets one of
     its own)."""
