@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import time
 from typing import Annotated
 
@@ -23,6 +22,7 @@ from generator_server.schemas import (
     WeightsSpec,
     WeightsUpdate,
 )
+from generator_server.weights import no_room
 
 UNAUTHORIZED = {401: {"description": "missing or wrong API key (the server runs with --api-key)"}}
 NOT_READY = {503: {"description": "the engine is starting, broken, or holds no whole version (reason given)"}}
@@ -173,12 +173,9 @@ async def put_weights(
     except ClientDisconnect as e:
         raise ApiError(400, "the client disconnected before the whole body arrived") from e
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if (refusal := no_room(e)) is None:
             raise
-        raise ApiError(
-            507, f"no room for the upload in the server's work folder ({e.strerror}); nothing was changed: "
-            "free space there or give the server a larger --work-dir",
-        ) from e  # fmt: skip
+        raise refusal from e
     received = time.perf_counter() - started
     update = await engine.update_weights(staged, size, version, source="upload")
     return update.model_copy(update={"receive_seconds": round(received, 6)})

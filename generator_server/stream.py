@@ -23,7 +23,6 @@ and the BLAKE3 digest it announced is checked, but the bytes travel in the clear
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import logging
 import mmap
@@ -38,7 +37,7 @@ from pathlib import Path
 from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
 from generator_server.schemas import StreamBeginRequest, WeightsUpdate
-from generator_server.weights import WRITE_CHUNK_BYTES, new_blake3, parse_blake3
+from generator_server.weights import WRITE_CHUNK_BYTES, new_blake3, no_room, parse_blake3
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +118,9 @@ class StreamReceiver:
                 os.close(fd)
         except OSError as e:
             store.discard(staged)
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if (refusal := no_room(e)) is None:
                 raise
-            raise ApiError(
-                507, f"no room for the upload in the server's work folder ({e.strerror}); nothing was "
-                "changed: free space there or give the server a larger --work-dir",
-            ) from e  # fmt: skip
+            raise refusal from e
         done = asyncio.get_running_loop().create_future()
         done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (read by commit, if it comes)
         session = StreamSession(

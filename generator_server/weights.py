@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -199,6 +200,17 @@ def check_compatible(
 
 
 # --- the digests of a PUT /weights body ----------------------------------------------------------------
+def no_room(error: OSError) -> ApiError | None:
+    """The 507 for staging an upload that ran out of room (a full disk or tmpfs, a quota, a file size
+    limit); None for any other error."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return None
+    return ApiError(
+        507, f"no room for the upload in the server's work folder ({error.strerror}); nothing was changed: "
+        "free space there or give the server a larger --work-dir",
+    )  # fmt: skip
+
+
 def parse_sha256(value: str, header: str = "X-Weights-SHA256") -> str:
     """``X-Weights-SHA256`` (or another ``header`` of a 32-byte digest): 64 hexadecimal digits (400
     otherwise), lower-cased."""

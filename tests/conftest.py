@@ -39,6 +39,22 @@ REFERENCE_LOGPROB_TOLERANCE = 0.25 if ON_GPU else 1e-3
 the tests' random-weight models, whose logits are large."""
 
 
+PROBE = {"prompts": ["The cat sat", "Hello world, this is"], "max_tokens": 12, "temperature": 0.0}
+
+
+def probe(client) -> dict:
+    """A greedy answer with log-probabilities (``client``: an httpx.Client of the server): the same answer
+    (``same_outputs``) means the same weights."""
+    response = client.post("/generate", json={**PROBE, "logprobs": True, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """The same answer but for the version: the same weights served."""
+    return same_outputs(a, {**b, "weights_version": a["weights_version"]})
+
+
 def same_outputs(a: dict, b: dict) -> bool:
     """Two /generate answers carry the same version, tokens and log-probabilities: what a client can see of
     "the same weights served". On the CPU to the last bit. On the GPU up to ``REPEAT_LOGPROB_TOLERANCE``,

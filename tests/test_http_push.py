@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import API_KEY, same_outputs
+from conftest import API_KEY, probe, same_outputs, same_weights
 from safetensors.torch import load_file, save_file
 from starlette.requests import ClientDisconnect
 
@@ -43,8 +43,6 @@ from trainer_client.backends import ServerBackend
 from trainer_client.client import Blake3Digest, ChunkedSha256, GeneratorClient, PushTarget, SafetensorsBody
 from trainer_client.transports.base import host_snapshot
 from trainer_client.transports.http import HttpTransport, pick_digest
-
-PROBE = {"prompts": ["The cat sat", "Hello world, this is"], "max_tokens": 12, "temperature": 0.0}
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
@@ -265,17 +263,6 @@ def test_push_weights_sends_the_chunked_digest_and_push_file_the_plain_one(tmp_p
 
 
 # --- against the real server ------------------------------------------------------------------------
-def probe(client: httpx.Client) -> dict:
-    response = client.post("/generate", json={**PROBE, "logprobs": True, "ignore_eos": True})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    """The same answer but for the version: the same weights served."""
-    return same_outputs(a, {**b, "weights_version": a["weights_version"]})
-
-
 @pytest.fixture
 def gen(server):
     with GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0) as c:

@@ -11,17 +11,8 @@ import blake3
 import httpx
 import pytest
 import torch
-from conftest import MAX_UPLOAD_BYTES, same_outputs, text_matches_tokens
+from conftest import MAX_UPLOAD_BYTES, PROBE, probe, same_outputs, text_matches_tokens
 from safetensors import safe_open
-
-PROBE = {"prompts": ["The cat sat", "Hello world, this is"], "max_tokens": 12, "temperature": 0.0}
-
-
-def probe(client: httpx.Client) -> dict:
-    """A greedy answer with log-probabilities: the same answer (``same_outputs``) means the same weights."""
-    response = client.post("/generate", json={**PROBE, "logprobs": True, "ignore_eos": True})
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 # --- the contract -------------------------------------------------------------------------------------

@@ -16,24 +16,12 @@ from pathlib import Path
 import blake3
 import httpx
 import pytest
-from conftest import API_KEY, TRANSFER_TIMEOUT, same_outputs
+from conftest import API_KEY, TRANSFER_TIMEOUT, probe, same_weights
 from safetensors.torch import load_file
 
 from trainer_client.backends import ServerBackend
 from trainer_client.client import GeneratorClient, GeneratorHTTPError
 from trainer_client.transports.stream import StreamTransport
-
-PROBE = {"prompts": ["The cat sat", "Hello world, this is"], "max_tokens": 12, "temperature": 0.0}
-
-
-def probe(client: httpx.Client) -> dict:
-    response = client.post("/generate", json={**PROBE, "logprobs": True, "ignore_eos": True})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return same_outputs(a, {**b, "weights_version": a["weights_version"]})
 
 
 def next_version(client: httpx.Client) -> int:
@@ -170,30 +158,6 @@ def test_begin_refuses_what_it_can_see_at_once(server, client):
     assert client.get("/weights").json()["weights_version"] == version - 1
 
 
-def test_auto_falls_back_to_http_when_the_port_cannot_be_reached(server, client, make_weights):
-    """A stream port the trainer cannot reach (here: a port nobody listens on) costs one refused
-    connection; ``push: auto`` then sends the same snapshot by PUT /weights, and the run goes on."""
-    path = make_weights(seed=76)
-    version = next_version(client)
-    gen = GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0)
-    backend = ServerBackend(gen, push="auto")
-    try:
-        backend.weights_spec()
-        assert backend.transport.name == "stream"
-        with socket.socket() as closed:
-            closed.bind(("127.0.0.1", 0))
-            dead_port = closed.getsockname()[1]
-        real_begin = gen.stream_begin
-        gen.stream_begin = lambda *a, **k: {**real_begin(*a, **k), "port": dead_port}
-        dtypes = {name: spec.dtype for name, spec in gen.weights_spec().tensors.items()}
-        out = backend.push(backend.snapshot(load_file(path), dtypes), version)
-        assert out["weights_version"] == version
-        assert backend.transport.name == "http"
-    finally:
-        backend.close()
-    assert client.get("/weights").json()["weights_version"] == version
-
-
 def test_every_wait_ends(server, client, make_weights, server_work_dir):
     """A commit waiting for a body that stops coming (the connection left open) gets 408 after
     --transfer-timeout, and a connection that never sends its ticket is closed after as long."""
@@ -216,22 +180,40 @@ def test_every_wait_ends(server, client, make_weights, server_work_dir):
     assert staging_is_tidy(server_work_dir)
 
 
-def test_auto_falls_back_to_http_when_the_server_refuses_the_stream(server, client, make_weights):
-    """A restarted server may come back without its stream port: its 400 makes ``push: auto`` send the
-    same snapshot by PUT /weights."""
-    path = make_weights(seed=78)
+def unreachable_port(real_begin):
+    """``stream_begin`` answering with a port nobody listens on (a port not published, a firewall)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+    return lambda *a, **k: {**real_begin(*a, **k), "port": dead_port}
+
+
+def refused(real_begin):
+    """``stream_begin`` answering as a server without a stream port does (a restart without the flag)."""
+
+    def refuse(*args, **kwargs):
+        raise GeneratorHTTPError(400, "this server takes no stream uploads", "POST", "/weights/stream")
+
+    return refuse
+
+
+@pytest.mark.parametrize("broken_begin", [unreachable_port, refused])
+def test_auto_falls_back_to_http_when_the_stream_fails(broken_begin, server, client, make_weights):
+    """A stream port the trainer cannot reach costs one refused connection, and a server that refuses the
+    stream one 400; either way ``push: auto`` sends the same snapshot by PUT /weights, and the run goes
+    on."""
+    path = make_weights(seed=76)
     version = next_version(client)
     gen = GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0)
     backend = ServerBackend(gen, push="auto")
     try:
         backend.weights_spec()
-
-        def refuse(*args, **kwargs):
-            raise GeneratorHTTPError(400, "this server takes no stream uploads", "POST", "/weights/stream")
-
-        gen.stream_begin = refuse
+        assert backend.transport.name == "stream"
+        gen.stream_begin = broken_begin(gen.stream_begin)
         dtypes = {name: spec.dtype for name, spec in gen.weights_spec().tensors.items()}
         out = backend.push(backend.snapshot(load_file(path), dtypes), version)
-        assert out["weights_version"] == version and backend.transport.name == "http"
+        assert out["weights_version"] == version
+        assert backend.transport.name == "http"
     finally:
         backend.close()
+    assert client.get("/weights").json()["weights_version"] == version
