@@ -65,8 +65,9 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(
         16 * 2**20,
         ge=1,
-        description="Largest body of a JSON request (/generate, /weights/load, /weights/ipc/*), in bytes "
-        "(larger: 413, before it is parsed). PUT /weights has --max-upload-bytes instead.",
+        description="Largest body of a JSON request (/generate, /weights/load, /weights/ipc/*, "
+        "/weights/stream/*), in bytes (larger: 413, before it is parsed). PUT /weights and the stream port "
+        "have --max-upload-bytes instead.",
     )
     max_prompts: int = Field(4096, ge=1, description="Most prompts in one /generate request (more: 413).")
     max_completions: int = Field(
