@@ -6,8 +6,9 @@ batch is generated while the current one trains). From each run's ``metrics.json
 ``--skip`` steps:
 
 - wall seconds per step;
-- g = generation seconds per step (the server's ``POST /generate`` of one batch), t = trainer busy seconds
-  per step (scoring + DPO forward/backward/step + weight snapshot), and the push seconds;
+- g = the producer thread's seconds per step (the server's ``POST /generate`` of one batch, then scoring
+  and, with ``reference_ahead``, the reference's forward over the pairs), t = trainer busy seconds per
+  step (DPO forward/backward/step + weight snapshot), and the push seconds;
 - trainer idle = seconds per step the trainer waited for a batch; generator idle = wall - g, the seconds
   per step the server was not generating (waiting for weights, reloading, or for the trainer);
 - speedup = sync wall / async wall, against the ideal ``(g + t) / max(g, t)`` for the g and t measured
@@ -58,11 +59,15 @@ def summarise(records: list[dict], skip: int, completions_per_step: int) -> dict
     rs = records[skip:]
     wall = mean(r["wall_seconds"] for r in rs)
     g = mean(r["gen_seconds"] for r in rs)
-    t = mean(r["score_seconds"] + r["train_seconds"] for r in rs)
+    # (scoring and the reference taken ahead run in the producer thread, after generation: its side)
+    prepare = mean(r.get("score_seconds", 0) + r.get("reference_seconds", 0) for r in rs)
+    t = mean(r["train_seconds"] for r in rs)
     return {
         "steps_measured": len(rs),
         "wall_per_step": wall,
         "gen_per_step": g,
+        "prepare_per_step": prepare,
+        "producer_per_step": g + prepare,  # g of the bound max(g, t): what the producer thread does per step
         "train_per_step": t,
         "push_per_step": mean(r["push_seconds"] for r in rs),
         "gen_tokens_per_second": mean(r["completion_tokens"] * completions_per_step for r in rs) / g,
@@ -198,21 +203,23 @@ def main(argv: list[str] | None = None) -> None:
             }
 
     rows = []
-    headers = ["push", "max_staleness", "wall s/step", "gen g s/step", "train t s/step", "push s/step"]
+    headers = ["push", "max_staleness", "wall s/step", "gen s/step", "score+ref s/step", "train t s/step"]
+    headers += ["push s/step"]
     headers += ["trainer idle s/step", "generator idle s/step", "gen hidden s/step", "wall / max(g, t)"]
     headers += ["gen tokens/s"]
     results: dict = {"runs": {}}
     for push, runs in by_transport.items():
         for staleness, r in runs.items():
-            bound = max(r["gen_per_step"], r["train_per_step"])
+            bound = max(r["producer_per_step"], r["train_per_step"])
             rows.append(
-                [push, staleness, r["wall_per_step"], r["gen_per_step"], r["train_per_step"]]
+                [push, staleness, r["wall_per_step"], r["gen_per_step"], r["prepare_per_step"]]
+                + [r["train_per_step"]]
                 + [r["push_per_step"], r["trainer_idle_per_step"], r["generator_idle_per_step"]]
                 + [r["overlap_per_step"], r["wall_per_step"] / bound, r["gen_tokens_per_second"]]
             )
         summary: dict = {"runs": {str(k): v for k, v in runs.items()}}
         if 0 in runs and 1 in runs:
-            g, t = runs[0]["gen_per_step"], runs[0]["train_per_step"]
+            g, t = runs[0]["producer_per_step"], runs[0]["train_per_step"]
             ideal = (g + t) / max(g, t)
             speedup = runs[0]["wall_per_step"] / runs[1]["wall_per_step"]
             summary.update(
@@ -220,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             # how close the asynchronous run came to its bound max(g, t) (its g and t grow under contention)
             a = runs[1]
-            summary["async_bound_fraction"] = max(a["gen_per_step"], a["train_per_step"]) / a["wall_per_step"]
+            bound = max(a["producer_per_step"], a["train_per_step"])
+            summary["async_bound_fraction"] = bound / a["wall_per_step"]
         results["runs"][push] = summary
     machine = describe_machine()
     machine["load_average_1m"] = os.getloadavg()[0]

@@ -43,6 +43,7 @@ SIZES: dict[str, TinyModelSpec] = {
     "0.1b": TinyModelSpec(
         hidden_size=768, num_layers=14, num_heads=12, intermediate_size=2048, max_position_embeddings=1024
     ),
+    "300m": TinyModelSpec(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=2816),  # starter's
     "0.5b": TinyModelSpec(
         hidden_size=1536, num_layers=18, num_heads=12, intermediate_size=4096, max_position_embeddings=1024
     ),

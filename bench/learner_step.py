@@ -9,7 +9,16 @@ achieved rate: 6 x params FLOP per token for the policy, 2 x for the reference, 
 recomputation under checkpointing; a size that does not fit is reported as out of memory, so the table
 shows the largest size that trains on the card in each setting.
 
+``--loop`` times what the training loop does per step on one GPU with ``push: ipc``, phase by phase: the
+step, the finite-weights check, and the snapshot into CUDA IPC buckets (``IpcTransport.snapshot``); and the
+three back to back without a sync between them, as the loop runs them. ``--profile DIR`` writes where the
+CPU time of the timed steps goes (``torch.profiler``, by operator) and counts the kernels a step launches.
+At the small shapes of an online DPO run (tens of short sequences) a step is bound by launching kernels,
+not by the card: these two options show where that time goes.
+
     PYTHONPATH=$PWD python bench/learner_step.py --sizes 1b 3b --settings bf16 bf16+gc fp32
+    PYTHONPATH=$PWD python bench/learner_step.py --sizes 300m --settings bf16 --pairs 18 --prompt-tokens 10 \
+        --completion-tokens 4 --steps 20 --loop --profile runs/bench/profile
 """
 
 from __future__ import annotations
@@ -92,6 +101,10 @@ def measure(size: str, setting: str, args) -> dict:
             sync()
             if i:
                 times.append(time.perf_counter() - t0)
+        if args.loop:
+            row.update(loop_phases(learner, batch, pairs, args.steps, sync))
+        if args.profile:
+            row.update(profile(learner, batch, pairs, args, f"{size}-{setting}", sync))
         tokens = 2 * args.pairs * (args.prompt_tokens + args.completion_tokens)
         flop = (6 + 2 + (2 if checkpointing else 0)) * params * tokens
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -109,6 +122,67 @@ def measure(size: str, setting: str, args) -> dict:
     return row
 
 
+def loop_step(learner, batch, pairs, sync, dtypes):
+    """One step of the training loop on one GPU with ``push: ipc``, each phase's seconds (sync between)."""
+    from trainer_client.transports.ipc import pack_buckets
+
+    seconds = {}
+    t0 = time.perf_counter()
+    learner.train_step(batch, pairs)
+    sync()
+    seconds["step"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    learner.check_finite("")
+    sync()
+    seconds["finite"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pack_buckets(learner.full_weights(dtypes), dtypes, 1 << 30)
+    sync()
+    seconds["snapshot"] = time.perf_counter() - t0
+    return seconds
+
+
+def loop_phases(learner, batch, pairs, steps: int, sync) -> dict:
+    """Median seconds of each phase of the loop's step, and of the three without syncs between them."""
+    from trainer_client.transports.ipc import pack_buckets
+
+    dtypes = {name: "bfloat16" for name in learner.state_dict()}
+    phases = [loop_step(learner, batch, pairs, sync, dtypes) for _ in range(steps)]
+    together = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        learner.train_step(batch, pairs)
+        learner.check_finite("")
+        pack_buckets(learner.full_weights(dtypes), dtypes, 1 << 30)
+        sync()
+        together.append(time.perf_counter() - t0)
+    out = {f"loop_{k}_seconds": median([p[k] for p in phases]) for k in phases[0]}
+    out["loop_seconds"] = median(together)
+    return out
+
+
+def profile(learner, batch, pairs, args, name: str, sync) -> dict:
+    """CPU time by operator over ``args.steps`` loop steps (train_step, check_finite, IPC snapshot), written
+    to ``args.profile / profile-NAME.txt``; returns the kernels launched per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dtypes = {n: "bfloat16" for n in learner.state_dict()}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            loop_step(learner, batch, pairs, sync, dtypes)
+    events = prof.key_averages()
+    launch_calls = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+    launches = sum(e.count for e in events if e.key in launch_calls)
+    args.profile.mkdir(parents=True, exist_ok=True)
+    table = events.table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=70)
+    (args.profile / f"profile-{name}.txt").write_text(table)
+    print(table, flush=True)
+    return {"kernel_launches_per_step": launches / args.steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["1b"], choices=list(SIZES))
@@ -119,6 +193,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--logprob-chunk-tokens", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loop", action="store_true", help="time the loop's phases too (CUDA only)")
+    parser.add_argument("--profile", type=Path, default=None, help="folder for a torch.profiler table")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a quick check of the script")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--out", type=Path, default=None)

@@ -10,6 +10,7 @@ the loss differed by 0.05.)
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from trainer_client.backends import GenerationBatch
 from trainer_client.client import Completion
 from trainer_client.config import ConfigError, TrainConfig, load_config
 from trainer_client.dpo import collate, token_logps
-from trainer_client.learner import Learner, resolve_precision
+from trainer_client.learner import Learner, NotFiniteError, check_finite, nonfinite, resolve_precision
 
 BF16_LOSS_TOLERANCE = 0.01
 """|loss bf16 - loss fp32| of one step on the pairs below (fp32: loss 0.666, margin h 1.13; measured 0.0015).
@@ -93,6 +94,28 @@ def test_precision_auto_and_config_keys():
             load_config(None, ["model=m", bad])
 
 
+def test_nonfinite_names_exactly_the_tensors_holding_nan_or_inf():
+    """The check before every push: NaN, +Inf and -Inf anywhere are caught; finite values are not, even
+    those whose squares overflow float32 (a 2-norm would call them infinite); empty shards are fine."""
+    tensors = {
+        "nan": torch.tensor([1.0, float("nan"), 2.0]),
+        "inf": torch.tensor([[0.0, float("inf")]]),
+        "minus_inf": torch.tensor([-float("inf"), 1.0]),
+        "huge": torch.tensor([3e38, -3e38, 1e30]),
+        "bf16_nan": torch.tensor([float("nan")], dtype=torch.bfloat16),
+        "bf16": torch.ones(4, dtype=torch.bfloat16),
+        "empty": torch.empty(0, 3),
+        "ids": torch.arange(3),  # not floating: not checked
+    }
+    floats = [n for n, t in tensors.items() if t.is_floating_point()]
+    flags = dict(zip(floats, nonfinite([tensors[n] for n in floats]), strict=True))
+    assert [n for n, bad in flags.items() if bad] == ["nan", "inf", "minus_inf", "bf16_nan"]
+    with pytest.raises(NotFiniteError, match=r"\(nan, inf, minus_inf\), not pushed; lower"):
+        check_finite(tensors, "lower the learning rate")
+    check_finite({n: tensors[n] for n in ("huge", "bf16", "empty", "ids")}, "")
+    assert nonfinite([]) == []
+
+
 def test_bf16_step_is_close_to_fp32_and_keeps_fp32_master_weights(models, batch):
     fp32, bf16 = learner(models, precision="fp32"), learner(models, precision="bf16")
     a, b = fp32.train_step(*batch), bf16.train_step(*batch)
@@ -107,6 +130,36 @@ def test_bf16_step_is_close_to_fp32_and_keeps_fp32_master_weights(models, batch)
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in bf16.reference.parameters())
     assert all(t.dtype == torch.float32 for t in bf16.state_dict().values())
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 2])
+def test_reference_taken_ahead_in_another_thread_makes_the_same_step(models, batch, micro_batch_size):
+    """``reference_ahead``: the reference's log-probabilities of the pairs, taken in another thread as the
+    producer takes them, give the step the loss, statistics and gradients it computes with the reference
+    forward inside it, and the step then runs no reference forward of its own."""
+    samples, pairs = batch
+    inside, ahead = (learner(models, micro_batch_size=micro_batch_size) for _ in range(2))
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(ahead.reference_pair_logps(samples, pairs)))
+    thread.start()
+    thread.join()
+    reference = taken[0]
+    assert reference.shape == (len(pairs), 2) and reference.device.type == "cpu"
+    i, kc, kr = pairs[0]  # the first pair's chosen and rejected sequences, scored by the reference alone
+    ids, mask, completion = collate([samples.prompt_token_ids[i]] * 2, [
+        samples.completions[i][kc].token_ids, samples.completions[i][kr].token_ids
+    ], 0)  # fmt: skip
+    with torch.no_grad():
+        direct = (token_logps(ahead.reference, ids, mask) * completion).sum(-1, dtype=torch.float64)
+    torch.testing.assert_close(reference[0], direct, rtol=0, atol=EXACT_TOLERANCE)
+
+    calls = []
+    ahead.reference.register_forward_hook(lambda *_: calls.append(1))
+    a, b = inside.train_step(samples, pairs), ahead.train_step(samples, pairs, reference)
+    assert not calls  # the step did not run the reference
+    for field in ("loss", "kl", "reward_accuracy", "logratio_margin", "grad_norm"):
+        assert getattr(b, field) == pytest.approx(getattr(a, field), abs=EXACT_TOLERANCE), field
+    assert_same_grads(grads(inside), grads(ahead))
 
 
 # ----------------------------------------------------------------------------------------------------------

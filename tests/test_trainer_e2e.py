@@ -33,7 +33,8 @@ STEPS = 5
 SWITCH_INTERVALS: list[float] = []  # sys.getswitchinterval() at each push of async_run
 REQUIRED_KEYS = {
     "step", "batch_weights_version", "staleness", "reward_mean", "reward_chosen", "reward_rejected", "loss",
-    "kl", "gen_seconds", "train_seconds", "push_seconds", "wall_seconds",
+    "kl", "gen_seconds", "score_seconds", "reference_seconds", "train_seconds", "push_seconds",
+    "wall_seconds",
 }  # fmt: skip
 
 
@@ -87,7 +88,9 @@ def test_run_completes_and_logs_every_step(async_run):
         assert r["pairs"] > 0 and r["loss"] > 0 and r["reward_chosen"] > r["reward_rejected"]
         # the server's share of the request's time: its engine, plus any wait behind a push
         assert 0 < r["gen_server_seconds"] + r["gen_weights_wait_seconds"] <= r["gen_seconds"]
-    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1 trains the reference itself
+        assert r["reference_seconds"] > 0  # reference_ahead: the producer took the reference's log-probs
+    # step 1 trains the reference itself: the log-probabilities taken ahead are the policy's own
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert Path(summary["final_checkpoint"], "model.safetensors").is_file()
 
 

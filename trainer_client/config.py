@@ -146,6 +146,11 @@ class TrainConfig(BaseModel):
     """Clip the gradient to this global norm; null = no clipping."""
     micro_batch_size: int | None = Field(None, ge=1)
     """Pairs per forward/backward pass (gradient accumulation); default: all pairs of a step at once."""
+    reference_ahead: bool = True
+    """Take the frozen reference's log-probabilities of a batch's pairs in the producer thread, while the
+    previous step trains, instead of inside the step (one process; under torchrun they stay in the step).
+    On a GPU at small shapes, where a step is bound by launching kernels, this takes most of the reference
+    forward off the step; its activations then add to the step's peak memory."""
 
     # --- learner: precision and memory (trainer_client/learner.py) ---------------------------------------
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainer_client")
 Rows = list[tuple[list[int], list[int], list[int]]]
 """The token ids of preference pairs: (prompt, chosen completion, rejected completion) per pair."""
+Pairs = list[tuple[int, int, int]]
+"""Preference pairs of a batch: (prompt b, chosen sample k, rejected sample k) per pair."""
 
 
 class NotFiniteError(RuntimeError):
@@ -56,12 +58,28 @@ class NotFiniteError(RuntimeError):
     so the server keeps serving the last finite weights."""
 
 
+def nonfinite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Which of ``tensors`` (floating, on one device) hold a NaN or an Inf, with one device sync.
+
+    The largest magnitude of a tensor is NaN or Inf exactly when it holds one; ``_foreach_norm`` (what
+    ``clip_grad_norm_`` uses) takes them all in a few kernels, where ``isfinite(t).all()`` launches five per
+    tensor: a 24-layer model's check took 11 ms against 1.7 ms on an H200, most of it launching kernels."""
+    flags = [False] * len(tensors)
+    full = [i for i, t in enumerate(tensors) if t.numel()]  # (an empty shard has no largest magnitude)
+    if full:
+        peaks = torch._foreach_norm([tensors[i] for i in full], ord=math.inf)
+        bad = torch.isfinite(torch.stack([p.float() for p in peaks])).logical_not().tolist()
+        for i, flag in zip(full, bad, strict=True):
+            flags[i] = flag
+    return flags
+
+
 def check_finite(state_dict: dict[str, torch.Tensor], advice: str) -> None:
-    """Raise :class:`NotFiniteError` naming the tensors that hold NaN or Inf (one device sync if none do)."""
+    """Raise :class:`NotFiniteError` naming the tensors that hold NaN or Inf."""
     floats = [n for n, t in state_dict.items() if t.is_floating_point()]
-    finite = [torch.isfinite(state_dict[n]).all() for n in floats]
-    if finite and not bool(torch.stack(finite).all()):
-        raise not_finite([n for n, ok in zip(floats, finite, strict=True) if not ok], advice)
+    flags = nonfinite([state_dict[n] for n in floats])
+    if any(flags):
+        raise not_finite([n for n, flag in zip(floats, flags, strict=True) if flag], advice)
 
 
 def not_finite(names: list[str], advice: str) -> NotFiniteError:
@@ -114,7 +132,7 @@ def enable_gradient_checkpointing(model) -> None:
         layer.training = True
 
 
-def pair_rows(samples: GenerationBatch, pairs: list[tuple[int, int, int]]) -> Rows:
+def pair_rows(samples: GenerationBatch, pairs: Pairs) -> Rows:
     """The token ids of ``pairs`` [(prompt b, chosen k, rejected k)] of ``samples``."""
     prompts, completions = samples.prompt_token_ids, samples.completions
     return [(prompts[b], completions[b][kc].token_ids, completions[b][kr].token_ids) for b, kc, kr in pairs]
@@ -184,6 +202,7 @@ class Learner:
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
         check_finite(self.policy.state_dict(), f"check the model folder {resume or c.model}")
+        self.side_stream = None  # (reference_pair_logps: created on first use)
         self.policy_logps = LogProbs(self.policy, c.logprob_chunk_tokens)
         self.reference_logps = LogProbs(self.reference, c.logprob_chunk_tokens)
         if ranks:
@@ -192,9 +211,14 @@ class Learner:
                 distributed.shard(root, decoder_layers(model), ranks.mesh, param_dtype=compute)
 
         # --- optimizer and schedule (restored with the step when resumed) ---------------------------------
+        # Fused AdamW on one GPU: one kernel for the whole update instead of a dozen per group of tensors
+        # (7.7 -> 3.1 ms a step for a 24-layer model on an H200, where a small step is bound by launching
+        # kernels). Sharded, the default foreach implementation, which FSDP2's DTensors are tested with here.
+        self.fused_adamw = ranks is None and torch.device(self.device).type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay
-        )
+            self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay,
+            fused=self.fused_adamw or None,
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
         self.step = 0
         if state is not None:
@@ -203,6 +227,8 @@ class Learner:
                     folder = Path(resume, checkpoint.OPTIMIZER_DIR)
                     distributed.load_optimizer(self.policy, self.optimizer, str(folder))
             checkpoint.restore_trainer_state(state, None if ranks else self.optimizer, self.scheduler)
+            for group in self.optimizer.param_groups:  # (a checkpoint's own choice came back with its state)
+                group["fused"], group["foreach"] = self.fused_adamw or None, None
             self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
 
@@ -221,18 +247,55 @@ class Learner:
             return {}
         return {"gpu_peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)}
 
-    def train_step(self, samples: GenerationBatch, pairs: list[tuple[int, int, int]]) -> StepStats:
+    def train_step(
+        self, samples: GenerationBatch, pairs: Pairs, reference: torch.Tensor | None = None
+    ) -> StepStats:
         """One optimizer step of the DPO loss over ``pairs`` [(prompt b, chosen k, rejected k)] of
         ``samples``, in micro-batches of ``micro_batch_size`` pairs. Without pairs no parameter has a
-        gradient and the weights stay as they are; the schedule advances either way.
+        gradient and the weights stay as they are; the schedule advances either way. ``reference``: the
+        pairs' ``reference_pair_logps``, taken ahead (one process); without it the step takes them.
 
         Raises :class:`NotFiniteError` (the step not applied) if the loss or the gradient norm is not
         finite."""
         rows = pair_rows(samples, pairs)
         with self._together("step", rows):
-            return self._train_step(rows)
+            return self._train_step(rows, reference)
 
-    def _train_step(self, rows: Rows) -> StepStats:
+    @property
+    def reference_ahead(self) -> bool:
+        """Whether the reference's log-probabilities of a step's pairs can be taken ahead of the step, in
+        another thread (``reference_pair_logps``): in one process. Sharded, the reference's forward is a
+        collective of all ranks, and stays inside the step."""
+        return self.ranks is None
+
+    def reference_pair_logps(self, samples: GenerationBatch, pairs: Pairs) -> torch.Tensor:
+        """The reference's log-probabilities of each pair's chosen and rejected completion (summed over the
+        completion's tokens), (P, 2) float64 on the CPU, taken in the micro-batches the step uses.
+
+        Made to run in the producer thread while the training thread runs the previous step: it touches
+        only the frozen reference, on a CUDA stream of its own, so its kernels interleave with the step's
+        (a step at small shapes is bound by launching kernels, and this takes its reference forward off
+        that path). Its activations then add to the step's peak memory."""
+        if not self.reference_ahead:
+            raise RuntimeError("sharded: the reference's forward runs inside the step, on every rank")
+        rows = pair_rows(samples, pairs)
+        mb = self.config.micro_batch_size or max(len(rows), 1)
+        out = torch.zeros(len(rows), 2, dtype=torch.float64)
+        if torch.device(self.device).type == "cuda":
+            if self.side_stream is None:
+                self.side_stream = torch.cuda.Stream(self.device)
+            on_side_stream = torch.cuda.stream(self.side_stream)
+        else:
+            on_side_stream = nullcontext()
+        with on_side_stream, torch.no_grad():
+            for i in range(0, len(rows), mb):
+                m = len(rows[i : i + mb])
+                ref_tok = self._logps(self.reference_logps, self._pair_inputs(rows[i : i + mb]))  # (2m, T)
+                ref_logps = ref_tok.sum(-1, dtype=torch.float64)  # (2m,): chosen, then rejected
+                out[i : i + m] = ref_logps.view(2, m).T.cpu()  # (m, 2)
+        return out
+
+    def _train_step(self, rows: Rows, reference: torch.Tensor | None = None) -> StepStats:
         """The step on every rank: rank r takes rows[r::world]. Each rank's loss is divided by the pair
         count of all ranks, P, and FSDP sums the ranks' gradients, so the gradient is the one-rank gradient
         of the mean loss over the P pairs. All ranks run the same number of micro-batches (FSDP's
@@ -242,7 +305,9 @@ class Learner:
         share = -(-P // self.world_size)  # ceil(P / world): the largest share
         mb = c.micro_batch_size or max(share, 1)
         micro_batches = -(-share // mb)  # the same on every rank
-        sums = dict(loss=0.0, margin=0.0, accuracy=0.0, kl_sum=0.0, kl_tokens=0)
+        # the step's statistics, summed on the device and read once at the end (each read waits for the GPU)
+        names = ("loss", "margin", "accuracy", "kl_sum", "kl_tokens")
+        totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with self._collectives("the DPO step"):
             for i in range(micro_batches):  # gradients accumulate over the micro-batches
@@ -250,8 +315,16 @@ class Learner:
                 idle = not chunk  # no pairs left here: a pair of weight 0 keeps this rank in the collectives
                 chunk = chunk or rows[:1]
                 m = len(chunk)
-                policy_tok, ref_tok, completion_mask = self._pair_token_logps(chunk)  # (2m, T) each
-                policy_logps, ref_logps = policy_tok.sum(-1), ref_tok.sum(-1)  # (2m,)
+                inputs = self._pair_inputs(chunk)  # input_ids, attention_mask, completion_mask: (2m, T)
+                # (2m,): chosen, then rejected; summed in fp64, as the KL below is a small difference of the
+                # policy's and the reference's sums (whichever thread took the reference's)
+                policy_logps = self._logps(self.policy_logps, inputs).sum(-1, dtype=torch.float64)
+                if reference is None:
+                    with torch.no_grad():
+                        ref_logps = self._logps(self.reference_logps, inputs).sum(-1, dtype=torch.float64)
+                else:  # taken ahead: (m, 2) rows of (chosen, rejected)
+                    ahead = reference[i * mb : (i + 1) * mb]
+                    ref_logps = torch.cat([ahead[:, 0], ahead[:, 1]]).to(self.device)  # (2m,)
                 chosen_logps, rejected_logps = policy_logps[:m], policy_logps[m:]  # (m,)
                 ref_chosen_logps, ref_rejected_logps = ref_logps[:m], ref_logps[m:]  # (m,)
                 losses = dpo_loss(
@@ -263,25 +336,30 @@ class Learner:
                     continue
                 with torch.no_grad():
                     h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (m,)
-                    sums["loss"] += losses.sum().item() / P
-                    sums["margin"] += h.sum().item() / P
-                    sums["accuracy"] += (h > 0).sum().item() / P
-                    sums["kl_sum"] += (policy_tok - ref_tok).sum().item()  # of log pi - log pi_ref
-                    sums["kl_tokens"] += int(completion_mask.sum().item())
-            if self.ranks:  # the sums over all ranks' pairs: every rank reports the one-rank statistics
-                sums = dict(zip(sums, self.ranks.all_reduce(list(sums.values())), strict=True))
+                    totals += torch.stack([
+                        losses.sum() / P,
+                        h.sum() / P,
+                        (h > 0).sum() / P,
+                        (policy_logps - ref_logps).sum(),  # of log pi - log pi_ref over the tokens
+                        inputs[2].sum(),  # completion tokens
+                    ]).double()  # fmt: skip
 
-            grad_norm = None
             if P:  # (an infinite max_norm only measures)
                 max_norm = c.max_grad_norm if c.max_grad_norm is not None else math.inf
                 norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
-                grad_norm = distributed.full_tensor(norm).item()  # (sharded: a replicated DTensor)
-                if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-                    raise NotFiniteError(
-                        f"step {self.step + 1}: loss {sums['loss']}, gradient norm {grad_norm}; the step was "
-                        f"not applied and nothing after version {self.step} is pushed. Lower learning_rate "
-                        "(or set max_grad_norm) and resume from the last checkpoint"
-                    )
+                norm = distributed.full_tensor(norm).double().reshape(1)  # (sharded: a replicated DTensor)
+                totals = torch.cat([totals, norm])
+            values = totals.tolist()  # the step's one read from the device
+            grad_norm = values.pop() if P else None
+            sums = dict(zip(names, values, strict=True))
+            if self.ranks:  # the sums over all ranks' pairs: every rank reports the one-rank statistics
+                sums = dict(zip(sums, self.ranks.all_reduce(list(sums.values())), strict=True))
+            if P and not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+                raise NotFiniteError(
+                    f"step {self.step + 1}: loss {sums['loss']}, gradient norm {grad_norm}; the step was "
+                    f"not applied and nothing after version {self.step} is pushed. Lower learning_rate "
+                    "(or set max_grad_norm) and resume from the last checkpoint"
+                )
             self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -295,20 +373,20 @@ class Learner:
             lr=lr,
         )
 
-    def _pair_token_logps(self, rows: Rows):
-        """Completion-token log-probabilities of the policy (with gradient) and the reference, chosen rows
-        then rejected rows: ``policy_tok``, ``ref_tok``, ``completion_mask``, each (2m, T)."""
+    def _pair_inputs(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``input_ids``, ``attention_mask``, ``completion_mask`` of ``rows`` on the device, each (2m, T):
+        the m chosen completions, then the m rejected ones, after their prompts."""
         prompt_ids = [p for p, _, _ in rows] * 2
         completion_ids = [chosen for _, chosen, _ in rows] + [rejected for _, _, rejected in rows]  # (2m,)
-        input_ids, attention_mask, completion_mask = (
-            t.to(self.device) for t in collate(prompt_ids, completion_ids, self.pad_id)
-        )  # (2m, T)
+        input_ids, attention_mask, completion_mask = collate(prompt_ids, completion_ids, self.pad_id)
+        return input_ids.to(self.device), attention_mask.to(self.device), completion_mask.to(self.device)
+
+    def _logps(self, logps: LogProbs, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Completion-token log-probabilities (2m, T) of ``logps`` (the policy's or the reference's) on
+        ``inputs``, in the run's precision."""
         bf16 = self.precision == "bf16"
         with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16):
-            policy_tok = self.policy_logps(input_ids, attention_mask, completion_mask)
-            with torch.no_grad():
-                ref_tok = self.reference_logps(input_ids, attention_mask, completion_mask)
-        return policy_tok, ref_tok, completion_mask
+            return logps(*inputs)
 
     # ------------------------------------------------------------------------------------------------------
     # Weights out: pushes and checkpoints
@@ -333,8 +411,8 @@ class Learner:
         if self.ranks is None:
             return check_finite(state, advice)
         floats = [n for n, t in state.items() if t.is_floating_point()]  # each rank checks its shards
-        bad = [torch.isfinite(distributed.local_tensor(state[n])).all().logical_not() for n in floats]
-        flags = self.ranks.all_reduce(torch.stack(bad).double().cpu().tolist(), op=ReduceOp.MAX)
+        bad = nonfinite([distributed.local_tensor(state[n]) for n in floats])
+        flags = self.ranks.all_reduce([float(flag) for flag in bad], op=ReduceOp.MAX)
         if any(flags):
             raise not_finite([n for n, flag in zip(floats, flags, strict=True) if flag], advice)
 

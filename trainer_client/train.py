@@ -15,7 +15,8 @@ version) the trainer pushes its current policy first, as the lowest version the 
 metrics whatever the server's history.
 
 Threads:
-    producer (generate batch s, after the push it needs)  -> queue ->  trainer (score, pair, DPO step)
+    producer (generate batch s after the push it needs, score, pair, reference log-probabilities)
+        -> queue ->  trainer (DPO step)
     trainer (snapshot of version s)  -> pusher (push in order, by the backend's weight transport)
 The metrics line of step s is written once version s is served (it reports the push time too).
 
@@ -105,9 +106,13 @@ class Scored:
     finished: list[bool]  # (B*K,) ended by EOS or a stop string
     pairs: list[tuple[int, int, int]]  # [(prompt b, chosen k, rejected k)]
     skipped_ties: int  # prompts whose K rewards are all equal
+    seconds: float  # scoring them
+    reference: torch.Tensor | None = None  # (P, 2) the reference's log-probabilities of the pairs, if ahead
+    reference_seconds: float = 0.0
 
 
 def score(samples: GenerationBatch, reward_fn, c: TrainConfig) -> Scored:
+    t0 = time.monotonic()
     K = c.samples_per_prompt
     flat = [cmp for row in samples.completions for cmp in row]  # (B*K,)
     prompts_flat = [p for p in samples.prompts for _ in range(K)]
@@ -115,7 +120,7 @@ def score(samples: GenerationBatch, reward_fn, c: TrainConfig) -> Scored:
     finished = [cmp.finish_reason == "stop" for cmp in flat]
     rewards = apply_missing_eos_penalty(raw_rewards, finished, c.missing_eos_penalty)
     pairs, skipped_ties = build_pairs(rewards, K)
-    return Scored(flat, rewards, finished, pairs, skipped_ties)
+    return Scored(flat, rewards, finished, pairs, skipped_ties, seconds=time.monotonic() - t0)
 
 
 def server_timing_metrics(samples: GenerationBatch) -> dict:
@@ -221,6 +226,16 @@ def run_training(
             learner.check_finite("lower learning_rate and resume from the last checkpoint")
             return backend.snapshot(learner.full_weights(served_dtypes), served_dtypes)
 
+        ahead = c.reference_ahead and learner.reference_ahead
+
+        def prepare(samples: GenerationBatch) -> Scored:  # in the producer thread, behind the previous step
+            scored = score(samples, reward_fn, c)
+            if ahead and scored.pairs:
+                t0 = time.monotonic()
+                scored.reference = learner.reference_pair_logps(samples, scored.pairs)
+                scored.reference_seconds = time.monotonic() - t0
+            return scored
+
         pusher = Pusher(backend, offset, served=start_step, max_pending=backend.max_pending)
         cleanup.callback(pusher.abort)
         if offset or start_step:
@@ -231,7 +246,7 @@ def run_training(
                 start_step + offset,
             )
             pusher.push_now(start_step, snapshot())  # before the producer starts: it needs this version
-        producer = Producer(c, task, backend, pusher, start_step + 1, c.steps, sampling)
+        producer = Producer(c, task, backend, pusher, start_step + 1, c.steps, sampling, prepare)
         cleanup.callback(producer.stop.set)
         bar = cleanup.enter_context(
             tqdm(
@@ -255,12 +270,11 @@ def run_training(
                 raise RuntimeError(f"step {step} got a batch of policy version {batch.policy_version}")
             samples = batch.samples
 
-            # --- 2. score: rewards of the B*K samples, missing-EOS penalty, pairs ---------------------------
-            scored = score(samples, reward_fn, c)
-            score_end = time.monotonic()
+            # --- 2. scores, pairs and (ahead) the reference's log-probabilities: from the producer ----------
+            scored: Scored = batch.prepared
 
             # --- 3. one DPO optimizer step on the pairs: policy version step-1 -> step ----------------------
-            stats = learner.train_step(samples, scored.pairs)
+            stats = learner.train_step(samples, scored.pairs, scored.reference)
 
             # --- 4. push policy version `step` in the background, log its metrics once served ---------------
             weights = snapshot()
@@ -271,8 +285,9 @@ def run_training(
                 | {
                     # timings: *_seconds, the only fields that differ between identical runs
                     "gen_seconds": round(batch.gen_end - batch.gen_start, 4),
-                    "score_seconds": round(score_end - busy_start, 4),
-                    "train_seconds": round(train_end - score_end, 4),
+                    "score_seconds": round(scored.seconds, 4),  # (in the producer thread)
+                    "reference_seconds": round(scored.reference_seconds, 4),  # (0: inside the step)
+                    "train_seconds": round(train_end - busy_start, 4),
                     "wait_seconds": round(busy_start - wait_start, 4),  # trainer idle, waiting for the batch
                     "overlap_seconds": round(  # generation of this batch hidden behind earlier training
                         sum(overlap((batch.gen_start, batch.gen_end), iv) for iv in train_intervals[:-1]), 4

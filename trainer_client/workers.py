@@ -14,7 +14,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from trainer_client.backends import GenerationBackend, GenerationBatch
 from trainer_client.config import TrainConfig
@@ -35,6 +37,7 @@ class Batch:
     samples: GenerationBatch
     gen_start: float  # time.monotonic() interval of the generate request
     gen_end: float
+    prepared: Any = None  # what the producer's `prepare` made of the samples (scores, pairs, ...)
 
 
 class Pusher:
@@ -128,10 +131,15 @@ class Pusher:
 
 
 class Producer:
-    """Generates the batches of steps ``first..last`` in order, each after the push it needs is served."""
+    """Generates the batches of steps ``first..last`` in order, each after the push it needs is served, and
+    hands each to ``prepare`` (the loop's work on a batch that needs no policy: scores, pairs, the
+    reference's log-probabilities) before queueing it, so that runs behind the previous step too."""
 
-    def __init__(self, config: TrainConfig, task, backend, pusher: Pusher, first: int, last: int, sampling):
-        self.config, self.task, self.sampling = config, task, sampling
+    def __init__(
+        self, config: TrainConfig, task, backend, pusher: Pusher, first: int, last: int, sampling,
+        prepare: Callable[[GenerationBatch], Any] | None = None,
+    ):  # fmt: skip
+        self.config, self.task, self.sampling, self.prepare = config, task, sampling, prepare
         self.backend, self.pusher = backend, pusher
         self.steps = range(first, last + 1)
         self.batches: queue.Queue[Batch] = queue.Queue()
@@ -147,7 +155,10 @@ class Producer:
                 oldest = max(0, step - 1 - self.config.max_staleness)
                 if not self.pusher.wait_served(oldest, self.stop):
                     return
-                self.batches.put(self._generate(step, oldest))
+                batch = self._generate(step, oldest)
+                if self.prepare is not None:
+                    batch.prepared = self.prepare(batch.samples)
+                self.batches.put(batch)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread
             self.error = e
 
