@@ -46,6 +46,21 @@ HASH_BYTES = WRITE_CHUNK_BYTES
 """The body is hashed in pieces of this size as they complete (one BLAKE3 call each, on every core)."""
 RECV_BYTES = 64 * 2**20
 """Most bytes one ``recv_into`` may write (the kernel hands over what the socket holds)."""
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # (Linux)
+
+
+def map_for_upload(path: Path, nbytes: int) -> mmap.mmap:
+    """``path`` (new, or a recycled weights file to write over) made exactly ``nbytes`` long, its space
+    reserved and mapped: a full disk or tmpfs is an ``OSError`` here, never a SIGBUS mid-write."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        os.posix_fallocate(fd, 0, nbytes)
+        # every page mapped at once: on a recycled file, 3x faster than a page fault at each first write
+        # (fresh tmpfs pages are zeroed either way, here or at their first write)
+        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | MAP_POPULATE)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -80,6 +95,7 @@ class StreamReceiver:
 
     def __init__(self, engine: GenerationEngine, timeout: float):
         self.engine, self.timeout = engine, timeout
+        engine.store.keep_spare = True  # uploads here write over the last superseded weights file
         self.sessions: dict[str, StreamSession] = {}
         self.port: int | None = None
         self._server: asyncio.Server | None = None
@@ -108,14 +124,9 @@ class StreamReceiver:
                 413, f"body of {request.bytes} bytes exceeds --max-upload-bytes {store.max_upload_bytes}"
             )
         digest = parse_blake3(request.blake3)
-        staged = store.new_staging_dir(request.bytes)
+        staged = store.new_staging_dir(request.bytes, recycle=True)  # (maybe the spare file, to write over)
         try:
-            fd = os.open(staged / "model.safetensors", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, request.bytes)  # no room: an error now, not a SIGBUS mid-write
-                file = mmap.mmap(fd, request.bytes)
-            finally:
-                os.close(fd)
+            file = map_for_upload(staged / "model.safetensors", request.bytes)
         except OSError as e:
             store.discard(staged)
             if (refusal := no_room(e)) is None:

@@ -47,6 +47,8 @@ TORCH_NAMES = {
 MAX_HEADER_BYTES = 100 * 2**20
 WRITE_CHUNK_BYTES = 8 * 2**20
 STAGING_PREFIX, SERVED_PREFIX = "staging-", "served-v"
+SPARE_FILE = "spare.safetensors"
+"""In the memory folder: the weights file of a superseded version, kept for a stream upload to write over."""
 MEMORY_DIR = Path("/dev/shm")
 """The tmpfs where pushes are staged in memory (when the server has no ``--work-dir``)."""
 MEMORY_ROOT_PREFIX = "generator-pushes-"
@@ -344,6 +346,8 @@ class WeightStore:
             self.memory_root, self._memory_lock = _claim_memory_root(memory_dir)
         self.served_dir = model_dir
         """Folder holding the safetensors of the weights served now (at first, the model folder)."""
+        self.keep_spare = False
+        """Keep a superseded in-memory weights file as the spare (see :meth:`promote`)."""
         self._hash_pool: ThreadPoolExecutor | None = None
         """Threads hashing the chunks of ``X-Weights-Chunked-SHA256`` bodies (started with the first)."""
 
@@ -356,14 +360,28 @@ class WeightStore:
         room = min(shutil.disk_usage(self.memory_root).free, _available_memory())
         return max(0, room - MEMORY_HEADROOM_BYTES)
 
-    def new_staging_dir(self, nbytes: int | None = None) -> Path:
+    def new_staging_dir(self, nbytes: int | None = None, recycle: bool = False) -> Path:
         """A new staging folder: in memory if ``nbytes`` (the size to stage) fits there with a margin of a
-        quarter of itself, else in the work folder."""
+        quarter of itself, else in the work folder.
+
+        The spare file (see :meth:`promote`) counts as room, and goes: with ``recycle``, into the new
+        folder, named ``model.safetensors``, for the caller to write over (a stream upload: the file's
+        memory pages are already there, which makes writing it about 3x faster than into fresh tmpfs
+        pages); otherwise it is deleted."""
+        spare = self.memory_root / SPARE_FILE if self.memory_root is not None else None
+        spare_bytes = spare.stat().st_size if spare is not None and spare.exists() else 0
         in_memory = (
-            self.memory_root is not None and nbytes is not None and nbytes + nbytes // 4 <= self.memory_room()
+            self.memory_root is not None
+            and nbytes is not None
+            and nbytes + nbytes // 4 <= self.memory_room() + spare_bytes
         )
         path = (self.memory_root if in_memory else self.work_dir) / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         path.mkdir()
+        if spare_bytes:
+            if recycle and in_memory:
+                os.replace(spare, path / "model.safetensors")
+            else:
+                spare.unlink(missing_ok=True)
         return path
 
     def discard(self, staged: Path) -> None:
@@ -377,9 +395,18 @@ class WeightStore:
         return target
 
     def promote(self, folder: Path) -> None:
-        """``folder`` is served now; the folder served before is deleted unless it is the model folder."""
+        """``folder`` is served now; the folder served before is deleted unless it is the model folder.
+
+        With ``keep_spare`` (a server with a stream port), the weights file of a superseded folder in
+        memory is kept as the spare file, for the next stream upload to write over (see
+        :meth:`new_staging_dir`): until then the server holds one more copy of the weights in memory."""
         previous, self.served_dir = self.served_dir, folder
         if previous != folder and previous.parent in (self.work_dir, self.memory_root):
+            if self.keep_spare and previous.parent == self.memory_root:
+                try:
+                    os.replace(previous / "model.safetensors", self.memory_root / SPARE_FILE)
+                except OSError:
+                    pass  # (a sharded checkpoint's folder has no single file: nothing to keep)
             shutil.rmtree(previous, ignore_errors=True)
 
     def close(self) -> None:

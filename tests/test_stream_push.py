@@ -19,6 +19,8 @@ import pytest
 from conftest import API_KEY, TRANSFER_TIMEOUT, probe, same_weights
 from safetensors.torch import load_file
 
+from generator_server.stream import map_for_upload
+from generator_server.weights import SPARE_FILE, WeightStore
 from trainer_client.backends import ServerBackend
 from trainer_client.client import GeneratorClient, GeneratorHTTPError
 from trainer_client.transports.stream import StreamTransport
@@ -59,6 +61,47 @@ def staging_is_tidy(work_dir: Path, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_a_superseded_weights_file_is_written_over_by_the_next_stream_upload(tmp_path):
+    """With a stream port, the weights file of a version superseded in memory is kept (its pages are in
+    place) and the next stream upload writes over it, made exactly its own size; anything else that stages
+    deletes it, and without a stream port none is kept."""
+    (tmp_path / "model").mkdir()
+    store = WeightStore(tmp_path / "model", None, max_upload_bytes=1 << 30)
+    if store.memory_root is None:
+        pytest.skip("no writable /dev/shm")
+    root, spare = store.memory_root, store.memory_root / SPARE_FILE
+    try:
+
+        def serve(version: int, body: bytes) -> None:
+            staged = store.new_staging_dir(len(body), recycle=True)
+            file = map_for_upload(staged / "model.safetensors", len(body))
+            file[:] = body
+            file.close()
+            assert (staged / "model.safetensors").read_bytes() == body
+            store.promote(store.prepare(staged, version))
+
+        store.keep_spare = True
+        serve(1, b"a" * 5000)  # supersedes the model folder: nothing to keep
+        assert not spare.exists()
+        serve(2, b"b" * 7000)
+        assert spare.read_bytes() == b"a" * 5000
+        inode = spare.stat().st_ino
+        serve(3, b"c" * 3000)  # written over version 1's file, cut to its own size
+        assert (root / "served-v3" / "model.safetensors").stat().st_ino == inode
+        assert spare.read_bytes() == b"b" * 7000
+        serve(4, b"d" * 9000)  # longer than the file it writes over
+        assert (root / "served-v4" / "model.safetensors").read_bytes() == b"d" * 9000
+        assert sorted(p.name for p in root.iterdir()) == ["served-v4", SPARE_FILE]
+        store.discard(store.new_staging_dir(100))  # a PUT /weights or a load: the spare goes
+        assert not spare.exists()
+
+        store.keep_spare = False
+        serve(5, b"e" * 100)
+        assert sorted(p.name for p in root.iterdir()) == ["served-v5"]
+    finally:
+        store.close()
 
 
 def test_stream_push_serves_what_put_serves(server, client, make_weights):

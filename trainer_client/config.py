@@ -149,8 +149,8 @@ class TrainConfig(BaseModel):
     reference_ahead: bool = True
     """Take the frozen reference's log-probabilities of a batch's pairs in the producer thread, while the
     previous step trains, instead of inside the step (one process; under torchrun they stay in the step).
-    On a GPU at small shapes, where a step is bound by launching kernels, this takes most of the reference
-    forward off the step; its activations then add to the step's peak memory."""
+    The step then runs only the policy; the reference's kernels interleave with it from the other thread
+    (at online DPO's small shapes a step is bound by launching kernels, not by the card)."""
 
     # --- learner: precision and memory (trainer_client/learner.py) ---------------------------------------
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -63,7 +63,8 @@ def nonfinite(tensors: list[torch.Tensor]) -> list[bool]:
 
     The largest magnitude of a tensor is NaN or Inf exactly when it holds one; ``_foreach_norm`` (what
     ``clip_grad_norm_`` uses) takes them all in a few kernels, where ``isfinite(t).all()`` launches five per
-    tensor: a 24-layer model's check took 11 ms against 1.7 ms on an H200, most of it launching kernels."""
+    tensor: the check before each push of a 24-layer model took 12.7 ms that way on an H200, now 4.3 ms
+    (``bench/learner_step.py --loop``), most of it launching kernels."""
     flags = [False] * len(tensors)
     full = [i for i, t in enumerate(tensors) if t.numel()]  # (an empty shard has no largest magnitude)
     if full:
@@ -211,9 +212,9 @@ class Learner:
                 distributed.shard(root, decoder_layers(model), ranks.mesh, param_dtype=compute)
 
         # --- optimizer and schedule (restored with the step when resumed) ---------------------------------
-        # Fused AdamW on one GPU: one kernel for the whole update instead of a dozen per group of tensors
-        # (7.7 -> 3.1 ms a step for a 24-layer model on an H200, where a small step is bound by launching
-        # kernels). Sharded, the default foreach implementation, which FSDP2's DTensors are tested with here.
+        # Fused AdamW on one GPU: a few kernels for the whole update instead of a dozen per group of tensors
+        # (a step at online DPO's small shapes is bound by launching kernels). Sharded, the default foreach
+        # implementation, which FSDP2's DTensors are tested with here.
         self.fused_adamw = ranks is None and torch.device(self.device).type == "cuda"
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay,

@@ -104,16 +104,13 @@ def pack_buckets(
 
     def close() -> None:
         bucket = Bucket(torch.empty(size, dtype=torch.uint8, device=pending[0][1].device))
-        views = []
         for name, t, dtype, offset in pending:
-            view = bucket.buffer[offset : offset + t.numel() * dtype.itemsize]
-            views.append(view.view(dtype).view(t.shape))
+            view = bucket.buffer[offset : offset + t.numel() * dtype.itemsize].view(dtype).view(t.shape)
+            view.copy_(t)  # cast and copy in one kernel
             bucket.tensors.append(
                 {"name": name, "shape": list(t.shape), "dtype": str(dtype).removeprefix("torch."),
                  "offset": offset}
             )  # fmt: skip
-        # cast and copy in a few launches for the whole bucket (7.2 -> 4.7 ms for a 24-layer model, H200)
-        torch._foreach_copy_(views, [t for _, t, _, _ in pending])
         buckets.append(bucket)
         pending.clear()
 
