@@ -276,7 +276,7 @@ class Learner:
         Made to run in the producer thread while the training thread runs the previous step: it touches
         only the frozen reference, on a CUDA stream of its own, so its kernels interleave with the step's
         (a step at small shapes is bound by launching kernels, and this takes its reference forward off
-        that path). Its activations then add to the step's peak memory."""
+        that path). Its activations may then meet the step's in GPU memory."""
         if not self.reference_ahead:
             raise RuntimeError("sharded: the reference's forward runs inside the step, on every rank")
         rows = pair_rows(samples, pairs)
