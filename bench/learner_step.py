@@ -10,9 +10,11 @@ recomputation under checkpointing; a size that does not fit is reported as out o
 shows the largest size that trains on the card in each setting.
 
 ``--loop`` times what the training loop does per step on one GPU with ``push: ipc``, phase by phase: the
-step, the finite-weights check, and the snapshot into CUDA IPC buckets (``IpcTransport.snapshot``); and the
-three back to back without a sync between them, as the loop runs them. ``--profile DIR`` writes where the
-CPU time of the timed steps goes (``torch.profiler``, by operator) and counts the kernels a step launches.
+step, the finite-weights check, and the snapshot into CUDA IPC buckets (``IpcTransport.snapshot``); the
+three back to back without a sync between them, as the loop runs them; and the same with
+``reference_ahead``, the reference's log-probabilities taken in another thread beside the step.
+``--profile DIR`` writes where the CPU time of the timed steps goes (``torch.profiler``, by operator) and
+counts the kernels a step launches.
 At the small shapes of an online DPO run (tens of short sequences) a step is bound by launching kernels,
 not by the card: these two options show where that time goes.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -159,7 +162,33 @@ def loop_phases(learner, batch, pairs, steps: int, sync) -> dict:
         together.append(time.perf_counter() - t0)
     out = {f"loop_{k}_seconds": median([p[k] for p in phases]) for k in phases[0]}
     out["loop_seconds"] = median(together)
+    out["loop_reference_ahead_seconds"] = loop_reference_ahead(learner, batch, pairs, steps, sync, dtypes)
     return out
+
+
+def loop_reference_ahead(learner, batch, pairs, steps: int, sync, dtypes) -> float:
+    """Median seconds of the loop's step with ``reference_ahead``: the DPO step on log-probabilities of the
+    reference taken before it, the check and the snapshot, while another thread takes the next step's (as
+    the producer thread does); each step's time runs until both threads are done."""
+    from trainer_client.transports.ipc import pack_buckets
+
+    reference, times = learner.reference_pair_logps(batch, pairs), []
+    for _ in range(steps):
+        ahead: list = []
+        producer = threading.Thread(
+            target=lambda out=ahead: out.append(learner.reference_pair_logps(batch, pairs))
+        )
+        sync()
+        t0 = time.perf_counter()
+        producer.start()
+        learner.train_step(batch, pairs, reference)
+        learner.check_finite("")
+        pack_buckets(learner.full_weights(dtypes), dtypes, 1 << 30)
+        sync()
+        producer.join()
+        times.append(time.perf_counter() - t0)
+        reference = ahead[0]
+    return median(times)
 
 
 def profile(learner, batch, pairs, args, name: str, sync) -> dict:

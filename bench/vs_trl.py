@@ -8,6 +8,8 @@ Per seed, from the demo's starter policy of that seed (``trainer_client/starter.
 demo's settings (``trainer_client/demo.py``) except two samples per prompt, each configuration trains once:
 
 - ``server-async``: this project, a generation server (``python -m generator_server``), ``max_staleness: 1``;
+- ``server-async-ref-inside``: the same with ``reference_ahead: false`` (the reference's forward inside the
+  step, not in the producer thread; not run unless named in ``--configs``);
 - ``server-sync``: the same with ``max_staleness: 0``;
 - ``colocate``: this project, vLLM inside the trainer process (``mode: colocate``);
 - ``trl``: TRL's ``OnlineDPOTrainer`` (``bench/trl_run.py``, in its own process, optionally with another
@@ -61,7 +63,8 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 
-CONFIGS = ("server-async", "server-sync", "colocate", "trl")
+CONFIGS = ("server-async", "server-async-ref-inside", "server-sync", "colocate", "trl")
+DEFAULT_CONFIGS = ("server-async", "server-sync", "colocate", "trl")
 SAMPLES_PER_PROMPT = 2  # TRL's OnlineDPOTrainer always draws two completions per prompt
 QUICK = dict(seeds=[0], steps=20)
 
@@ -98,6 +101,8 @@ def our_config(name: str, starter: Path, args, seed: int, out: Path) -> dict:
         overrides += ["mode=colocate", "max_staleness=1"]
     else:
         overrides.append(f"max_staleness={0 if name == 'server-sync' else 1}")
+    if name == "server-async-ref-inside":
+        overrides.append("reference_ahead=false")
     config = demo_config(str(starter), "http://127.0.0.1:0", seed, overrides, args.size)
     return config.model_dump(mode="json")
 
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--size", default="tiny", choices=["tiny", "300m"], help="the demo's starter size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
     parser.add_argument(
         "--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT,
         help="K of this project's runs (TRL's is always 2)",
