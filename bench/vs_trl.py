@@ -155,7 +155,8 @@ def run_ours(name: str, starter: Path, args, seed: int, out: Path) -> dict:
     result["mean_pairs"] = statistics.mean(r.get("pairs", 0) for r in records)
     # where a step's time goes (medians over the steps after the first, which includes the first batch's wait)
     keys = ("wall_seconds", "gen_seconds", "gen_server_seconds", "gen_weights_wait_seconds")
-    for key in (*keys, "train_seconds", "push_seconds", "wait_seconds"):
+    keys += ("reference_seconds", "train_seconds", "train_cpu_seconds", "push_seconds", "wait_seconds")
+    for key in keys:
         values = [r[key] for r in records[1:] if key in r]
         if values:
             result[f"median_{key}"] = statistics.median(values)

@@ -89,6 +89,7 @@ def test_run_completes_and_logs_every_step(async_run):
         # the server's share of the request's time: its engine, plus any wait behind a push
         assert 0 < r["gen_server_seconds"] + r["gen_weights_wait_seconds"] <= r["gen_seconds"]
         assert r["reference_seconds"] > 0  # reference_ahead: the producer took the reference's log-probs
+        assert 0 < r["train_cpu_seconds"] <= r["train_seconds"] + 0.01  # (one thread's CPU time)
     # step 1 trains the reference itself: the log-probabilities taken ahead are the policy's own
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert Path(summary["final_checkpoint"], "model.safetensors").is_file()

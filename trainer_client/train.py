@@ -265,7 +265,7 @@ def run_training(
             # --- 1. the batch (generated ahead by the producer) ---------------------------------------------
             wait_start = time.monotonic()
             batch = producer.get(pusher)
-            busy_start = time.monotonic()
+            busy_start, busy_cpu_start = time.monotonic(), time.thread_time()
             if not 0 <= (step - 1) - batch.policy_version <= c.max_staleness:
                 raise RuntimeError(f"step {step} got a batch of policy version {batch.policy_version}")
             samples = batch.samples
@@ -278,7 +278,7 @@ def run_training(
 
             # --- 4. push policy version `step` in the background, log its metrics once served ---------------
             weights = snapshot()
-            train_end = time.monotonic()
+            train_end, train_cpu = time.monotonic(), time.thread_time() - busy_cpu_start
             train_intervals = train_intervals[-c.max_staleness - 1 :] + [(busy_start, train_end)]
             record = (
                 step_metrics(step, batch, scored, stats, c.samples_per_prompt)
@@ -288,6 +288,8 @@ def run_training(
                     "score_seconds": round(scored.seconds, 4),  # (in the producer thread)
                     "reference_seconds": round(scored.reference_seconds, 4),  # (0: inside the step)
                     "train_seconds": round(train_end - busy_start, 4),
+                    # the training thread's own CPU time in it; the rest it was blocked: on the GIL, say
+                    "train_cpu_seconds": round(train_cpu, 4),
                     "wait_seconds": round(busy_start - wait_start, 4),  # trainer idle, waiting for the batch
                     "overlap_seconds": round(  # generation of this batch hidden behind earlier training
                         sum(overlap((batch.gen_start, batch.gen_end), iv) for iv in train_intervals[:-1]), 4
