@@ -288,7 +288,8 @@ def run_training(
                     "score_seconds": round(scored.seconds, 4),  # (in the producer thread)
                     "reference_seconds": round(scored.reference_seconds, 4),  # (0: inside the step)
                     "train_seconds": round(train_end - busy_start, 4),
-                    # the training thread's own CPU time in it; the rest it was blocked: on the GIL, say
+                    # the training thread's own CPU time in it; the rest it was not running (the GIL, a lock,
+                    # a non-spinning wait, no free core, torch's intra-op threads working for it)
                     "train_cpu_seconds": round(train_cpu, 4),
                     "wait_seconds": round(busy_start - wait_start, 4),  # trainer idle, waiting for the batch
                     "overlap_seconds": round(  # generation of this batch hidden behind earlier training
