@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import threading
 
 import pytest
 from chat_model import with_chat_template
@@ -16,7 +17,7 @@ from transformers import AutoTokenizer
 
 from trainer_client.config import ConfigError, TrainConfig, load_config
 from trainer_client.metrics_log import TENSORBOARD_DIR, scalars
-from trainer_client.rewards import RewardFunctionError, build_reward
+from trainer_client.rewards import RewardFunctionError, build_reward, runs_in_any_thread
 from trainer_client.tasks import JsonlTask, load_task
 from trainer_client.train import run_training
 
@@ -26,7 +27,9 @@ CALLS: list[dict] = []
 
 def contains_answer(prompts, completions, answer, **row_fields):
     """1.0 where the completion contains the row's answer (a user's reward function with a named column)."""
-    CALLS.append({"prompts": prompts, "completions": completions, "answer": answer, **row_fields})
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    CALLS.append({"prompts": prompts, "completions": completions, "answer": answer, **row_fields,
+                  "in_main_thread": in_main_thread})  # fmt: skip
     return [float(str(a) in c) for a, c in zip(answer, completions, strict=True)]
 
 
@@ -88,6 +91,12 @@ def test_a_failing_function_is_named(answers_task, function, message):
     reward = build_reward(f"{__name__}:{function}", answers_task)
     with pytest.raises(RewardFunctionError, match=message):
         reward(["1+1=", "2+2="], ["2", "4"])
+
+
+def test_only_this_projects_rewards_run_in_the_producer_thread():
+    assert runs_in_any_thread("task") and runs_in_any_thread(["length", "task"])
+    assert not runs_in_any_thread("my_rewards:correct")
+    assert not runs_in_any_thread(["task", "my_rewards:correct"])
 
 
 def test_a_reward_that_cannot_be_imported_is_named(answers_task):
@@ -158,6 +167,10 @@ def test_chat_rows_train_with_a_reward_function(chat_run, chat_model):
         for r in rows
     }
     assert len(calls) == STEPS  # once per step, on the whole batch of B*K samples
+    # a user's function is called in the main thread (as a signal.alarm timeout needs), so the reference's
+    # log-probabilities are taken in the step, not ahead by the producer thread
+    assert all(call["in_main_thread"] for call in calls)
+    assert all(r["reference_seconds"] == 0 for r in records)
     for call, record in zip(calls, records, strict=True):
         assert len(call["prompts"]) == len(call["completions"]) == 4 * 4
         # the server was asked for the chat-rendered prompts, and the function got each prompt's own row

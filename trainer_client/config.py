@@ -147,10 +147,12 @@ class TrainConfig(BaseModel):
     micro_batch_size: int | None = Field(None, ge=1)
     """Pairs per forward/backward pass (gradient accumulation); default: all pairs of a step at once."""
     reference_ahead: bool = True
-    """Take the frozen reference's log-probabilities of a batch's pairs in the producer thread, while the
-    previous step trains, instead of inside the step (one process; under torchrun they stay in the step).
-    The step then runs only the policy; the reference's kernels interleave with it from the other thread
-    (at online DPO's small shapes a step is bound by launching kernels, not by the card)."""
+    """Score each batch and take the frozen reference's log-probabilities of its pairs in the producer
+    thread, while the previous step trains, instead of inside the step. The step then runs only the
+    policy; the reference's kernels interleave with it from the other thread (at online DPO's small shapes
+    a step is bound by launching kernels, not by the card). In one process, with this project's own
+    rewards: under torchrun, or with a reward function of your own (called in the main thread, where a
+    `signal.alarm` timeout works), the reference stays in the step."""
 
     # --- learner: precision and memory (trainer_client/learner.py) ---------------------------------------
     precision: Literal["auto", "bf16", "fp32"] = "auto"

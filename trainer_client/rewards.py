@@ -175,6 +175,14 @@ def build_one(name_or_dir: str, task: Task, device: str) -> RewardFn:
     )
 
 
+def runs_in_any_thread(name_or_list: str | list[str]) -> bool:
+    """Whether the rewards named are all this module's own (``task``, ``length``, reward models), which the
+    trainer may call from its producer thread. A user's function is called in the main thread, where some
+    must be: a timeout by ``signal.alarm`` (math_verify's, for one) works only there."""
+    names = [name_or_list] if isinstance(name_or_list, str) else list(name_or_list)
+    return not any(IMPORT_PATH.match(name) and not Path(name).is_dir() for name in names)
+
+
 def build_reward(
     name_or_list: str | list[str], task: Task, device: str = "cpu", weights: list[float] | None = None
 ) -> RewardFn:

@@ -15,8 +15,8 @@ version) the trainer pushes its current policy first, as the lowest version the 
 metrics whatever the server's history.
 
 Threads:
-    producer (generate batch s after the push it needs, score, pair, reference log-probabilities)
-        -> queue ->  trainer (DPO step)
+    producer (generate batch s, after the push it needs)  -> queue ->  trainer (score, pair, DPO step)
+    (with ``reference_ahead`` the producer also scores, pairs and takes the reference's log-probabilities)
     trainer (snapshot of version s)  -> pusher (push in order, by the backend's weight transport)
 The metrics line of step s is written once version s is served (it reports the push time too).
 
@@ -47,7 +47,7 @@ from trainer_client.dpo import apply_missing_eos_penalty, build_pairs
 from trainer_client.learner import Learner, NotFiniteError, StepStats
 from trainer_client.metrics_log import METRICS_FILE, MetricsLog
 from trainer_client.replicas import replica_metrics
-from trainer_client.rewards import build_reward
+from trainer_client.rewards import build_reward, runs_in_any_thread
 from trainer_client.tasks import DataFields, load_task, task_hint
 from trainer_client.workers import Batch, Producer, Pusher
 
@@ -226,11 +226,13 @@ def run_training(
             learner.check_finite("lower learning_rate and resume from the last checkpoint")
             return backend.snapshot(learner.full_weights(served_dtypes), served_dtypes)
 
-        ahead = c.reference_ahead and learner.reference_ahead
+        # the producer thread scores the batches and takes the reference's log-probabilities of their pairs
+        # (one process, and rewards of this project's own: a user's function is called in this thread)
+        ahead = c.reference_ahead and learner.reference_ahead and runs_in_any_thread(c.reward)
 
         def prepare(samples: GenerationBatch) -> Scored:  # in the producer thread, behind the previous step
             scored = score(samples, reward_fn, c)
-            if ahead and scored.pairs:
+            if scored.pairs:
                 t0 = time.monotonic()
                 scored.reference = learner.reference_pair_logps(samples, scored.pairs)
                 scored.reference_seconds = time.monotonic() - t0
@@ -246,7 +248,9 @@ def run_training(
                 start_step + offset,
             )
             pusher.push_now(start_step, snapshot())  # before the producer starts: it needs this version
-        producer = Producer(c, task, backend, pusher, start_step + 1, c.steps, sampling, prepare)
+        producer = Producer(
+            c, task, backend, pusher, start_step + 1, c.steps, sampling, prepare=prepare if ahead else None
+        )
         cleanup.callback(producer.stop.set)
         bar = cleanup.enter_context(
             tqdm(
@@ -270,8 +274,9 @@ def run_training(
                 raise RuntimeError(f"step {step} got a batch of policy version {batch.policy_version}")
             samples = batch.samples
 
-            # --- 2. scores, pairs and (ahead) the reference's log-probabilities: from the producer ----------
-            scored: Scored = batch.prepared
+            # --- 2. score: rewards of the B*K samples, missing-EOS penalty, pairs (ahead: by the producer, --
+            #        with the reference's log-probabilities of the pairs)
+            scored: Scored = batch.prepared or score(samples, reward_fn, c)
 
             # --- 3. one DPO optimizer step on the pairs: policy version step-1 -> step ----------------------
             stats = learner.train_step(samples, scored.pairs, scored.reference)
@@ -285,7 +290,7 @@ def run_training(
                 | {
                     # timings: *_seconds, the only fields that differ between identical runs
                     "gen_seconds": round(batch.gen_end - batch.gen_start, 4),
-                    "score_seconds": round(scored.seconds, 4),  # (in the producer thread)
+                    "score_seconds": round(scored.seconds, 4),  # (ahead: in the producer thread)
                     "reference_seconds": round(scored.reference_seconds, 4),  # (0: inside the step)
                     "train_seconds": round(train_end - busy_start, 4),
                     # the training thread's own CPU time in it; the rest it was not running (the GIL, a lock,
