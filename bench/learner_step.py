@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--logprob-chunk-tokens", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loop", action="store_true", help="time the loop's phases too (CUDA only)")
+    parser.add_argument("--loop", action="store_true", help="time the loop's phases too")
     parser.add_argument("--profile", type=Path, default=None, help="folder for a torch.profiler table")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a quick check of the script")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
