@@ -125,6 +125,16 @@ def measure(size: str, setting: str, args) -> dict:
     return row
 
 
+def loop_work(learner, batch, pairs, dtypes, reference=None) -> None:
+    """What the loop does per step on one GPU with ``push: ipc``: the DPO step, the finite-weights check, the
+    snapshot into CUDA IPC buckets (no sync between them)."""
+    from trainer_client.transports.ipc import pack_buckets
+
+    learner.train_step(batch, pairs, reference)
+    learner.check_finite("")
+    pack_buckets(learner.full_weights(dtypes), dtypes, 1 << 30)
+
+
 def loop_step(learner, batch, pairs, sync, dtypes):
     """One step of the training loop on one GPU with ``push: ipc``, each phase's seconds (sync between)."""
     from trainer_client.transports.ipc import pack_buckets
@@ -147,17 +157,13 @@ def loop_step(learner, batch, pairs, sync, dtypes):
 
 def loop_phases(learner, batch, pairs, steps: int, sync) -> dict:
     """Median seconds of each phase of the loop's step, and of the three without syncs between them."""
-    from trainer_client.transports.ipc import pack_buckets
-
     dtypes = {name: "bfloat16" for name in learner.state_dict()}
     phases = [loop_step(learner, batch, pairs, sync, dtypes) for _ in range(steps)]
     together = []
     for _ in range(steps):
         sync()
         t0 = time.perf_counter()
-        learner.train_step(batch, pairs)
-        learner.check_finite("")
-        pack_buckets(learner.full_weights(dtypes), dtypes, 1 << 30)
+        loop_work(learner, batch, pairs, dtypes)
         sync()
         together.append(time.perf_counter() - t0)
     out = {f"loop_{k}_seconds": median([p[k] for p in phases]) for k in phases[0]}
@@ -170,8 +176,6 @@ def loop_reference_ahead(learner, batch, pairs, steps: int, sync, dtypes) -> flo
     """Median seconds of the loop's step with ``reference_ahead``: the DPO step on log-probabilities of the
     reference taken before it, the check and the snapshot, while another thread takes the next step's (as
     the producer thread does); each step's time runs until both threads are done."""
-    from trainer_client.transports.ipc import pack_buckets
-
     reference, times = learner.reference_pair_logps(batch, pairs), []
     for _ in range(steps):
         ahead: list = []
@@ -181,9 +185,7 @@ def loop_reference_ahead(learner, batch, pairs, steps: int, sync, dtypes) -> flo
         sync()
         t0 = time.perf_counter()
         producer.start()
-        learner.train_step(batch, pairs, reference)
-        learner.check_finite("")
-        pack_buckets(learner.full_weights(dtypes), dtypes, 1 << 30)
+        loop_work(learner, batch, pairs, dtypes, reference)
         sync()
         producer.join()
         times.append(time.perf_counter() - t0)

@@ -203,7 +203,9 @@ class Learner:
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
         check_finite(self.policy.state_dict(), f"check the model folder {resume or c.model}")
-        self.side_stream = None  # (reference_pair_logps: created on first use)
+        on_gpu = torch.device(self.device).type == "cuda"
+        self.side_stream = torch.cuda.Stream(self.device) if on_gpu and not ranks else None
+        """The CUDA stream ``reference_pair_logps`` runs on, beside the step's (one process on a GPU)."""
         self.policy_logps = LogProbs(self.policy, c.logprob_chunk_tokens)
         self.reference_logps = LogProbs(self.reference, c.logprob_chunk_tokens)
         if ranks:
@@ -282,13 +284,8 @@ class Learner:
         rows = pair_rows(samples, pairs)
         mb = self.config.micro_batch_size or max(len(rows), 1)
         out = torch.zeros(len(rows), 2, dtype=torch.float64)
-        if torch.device(self.device).type == "cuda":
-            if self.side_stream is None:
-                self.side_stream = torch.cuda.Stream(self.device)
-            on_side_stream = torch.cuda.stream(self.side_stream)
-        else:
-            on_side_stream = nullcontext()
-        with on_side_stream, torch.no_grad():
+        side = torch.cuda.stream(self.side_stream) if self.side_stream is not None else nullcontext()
+        with side, torch.no_grad():
             for i in range(0, len(rows), mb):
                 m = len(rows[i : i + mb])
                 ref_tok = self._logps(self.reference_logps, self._pair_inputs(rows[i : i + mb]))  # (2m, T)
