@@ -19,8 +19,8 @@ At the small shapes of an online DPO run (tens of short sequences) a step is bou
 not by the card: these two options show where that time goes.
 
     PYTHONPATH=$PWD python bench/learner_step.py --sizes 1b 3b --settings bf16 bf16+gc fp32
-    PYTHONPATH=$PWD python bench/learner_step.py --sizes 300m --settings bf16 --pairs 18 --prompt-tokens 10 \
-        --completion-tokens 4 --steps 20 --loop --profile runs/bench/profile
+    PYTHONPATH=$PWD python bench/learner_step.py --sizes 300m --settings bf16 bf16+graphs --pairs 18 \
+        --prompt-tokens 10 --completion-tokens 4 --steps 20 --loop --profile runs/bench/profile
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ from bench.common import (
     write_results,
 )
 
-SETTINGS = {  # name -> (precision, gradient_checkpointing)
-    "fp32": ("fp32", False),
-    "bf16": ("bf16", False),
-    "bf16+gc": ("bf16", True),
+SETTINGS = {  # name -> (precision, gradient_checkpointing, cuda_graphs)
+    "fp32": ("fp32", False, False),
+    "bf16": ("bf16", False, False),
+    "bf16+gc": ("bf16", True, False),
+    "bf16+graphs": ("bf16", False, True),
 }
 
 
@@ -77,7 +78,7 @@ def measure(size: str, setting: str, args) -> dict:
     from trainer_client.config import TrainConfig
     from trainer_client.learner import Learner
 
-    precision, checkpointing = SETTINGS[setting]
+    precision, checkpointing, graphs = SETTINGS[setting]
     model_dir = build_model(size, "bfloat16", args.work_dir / "models")
     params = count_params(SIZES[size])
     row = {"size": size, "params": params, "setting": setting}
@@ -91,6 +92,7 @@ def measure(size: str, setting: str, args) -> dict:
         config = TrainConfig(
             model=str(model_dir), device=args.device, precision=precision, steps=args.steps + 1,
             gradient_checkpointing=checkpointing, logprob_chunk_tokens=args.logprob_chunk_tokens,
+            cuda_graphs=graphs,
         )  # fmt: skip
         learner = Learner(config)
         batch, pairs = synthetic_batch(
@@ -217,7 +219,7 @@ def profile(learner, batch, pairs, args, name: str, sync) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["1b"], choices=list(SIZES))
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["bf16", "bf16+gc", "fp32"], choices=list(SETTINGS))
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--completion-tokens", type=int, default=128)

@@ -74,7 +74,7 @@ for b in "$@"; do
     tests)
       echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
       python3 -m pytest -q -p no:cacheprovider tests/test_server_http.py tests/test_server_generation.py \
-        tests/test_server_concurrency.py tests/test_server_units.py tests/test_transports.py tests/test_ipc_gpu.py \
+        tests/test_server_concurrency.py tests/test_server_units.py tests/test_transports.py tests/test_ipc_gpu.py tests/test_learner.py \
         tests/test_openai_api.py > "$DEST/tests.log" 2>&1
       rc=$?; tail -n 40 "$DEST/tests.log"
       # the IPC tests again through vLLM's layerwise reload (the tiny Llama's default, auto, loads directly)

@@ -10,6 +10,7 @@ demo's settings (``trainer_client/demo.py``) except two samples per prompt, each
 - ``server-async``: this project, a generation server (``python -m generator_server``), ``max_staleness: 1``;
 - ``server-async-ref-inside``: the same with ``reference_ahead: false`` (the reference's forward inside the
   step, not in the producer thread; not run unless named in ``--configs``);
+- ``server-async-graphs``: ``server-async`` with ``cuda_graphs: true`` (a GPU; run when named);
 - ``server-sync``: the same with ``max_staleness: 0``;
 - ``colocate``: this project, vLLM inside the trainer process (``mode: colocate``);
 - ``trl``: TRL's ``OnlineDPOTrainer`` (``bench/trl_run.py``, in its own process, optionally with another
@@ -63,7 +64,7 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 
-CONFIGS = ("server-async", "server-async-ref-inside", "server-sync", "colocate", "trl")
+CONFIGS = ("server-async", "server-async-ref-inside", "server-async-graphs", "server-sync", "colocate", "trl")
 DEFAULT_CONFIGS = ("server-async", "server-sync", "colocate", "trl")
 SAMPLES_PER_PROMPT = 2  # TRL's OnlineDPOTrainer always draws two completions per prompt
 QUICK = dict(seeds=[0], steps=20)
@@ -103,6 +104,8 @@ def our_config(name: str, starter: Path, args, seed: int, out: Path) -> dict:
         overrides.append(f"max_staleness={0 if name == 'server-sync' else 1}")
     if name == "server-async-ref-inside":
         overrides.append("reference_ahead=false")
+    if name == "server-async-graphs":
+        overrides.append("cuda_graphs=true")
     config = demo_config(str(starter), "http://127.0.0.1:0", seed, overrides, args.size)
     return config.model_dump(mode="json")
 

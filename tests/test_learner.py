@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from trainer_client.backends import GenerationBatch
 from trainer_client.client import Completion
 from trainer_client.config import ConfigError, TrainConfig, load_config
 from trainer_client.dpo import collate, token_logps
+from trainer_client.graphs import bucket
 from trainer_client.learner import Learner, NotFiniteError, check_finite, nonfinite, resolve_precision
 
 BF16_LOSS_TOLERANCE = 0.01
@@ -160,6 +162,83 @@ def test_reference_taken_ahead_in_another_thread_makes_the_same_step(models, bat
     for field in ("loss", "kl", "reward_accuracy", "logratio_margin", "grad_norm"):
         assert getattr(b, field) == pytest.approx(getattr(a, field), abs=EXACT_TOLERANCE), field
     assert_same_grads(grads(inside), grads(ahead))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Padded shapes and CUDA graphs
+# ----------------------------------------------------------------------------------------------------------
+NINE_PAIRS = [(b, kc, kr) for b in range(3) for kc, kr in ((0, 1), (1, 2), (2, 0))]
+"""Every prompt of ``batch`` three times: 9 pairs, padded to 12 (or, in micro-batches of 5, 5 to 6)."""
+
+
+def test_buckets_round_up_by_at_most_half_into_two_shapes_per_doubling():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 16, 17, 24, 25, 33)] == [
+        1, 2, 3, 4, 6, 8, 12, 16, 24, 24, 32, 48
+    ]  # fmt: skip
+    for n in range(1, 2000):
+        assert n <= bucket(n) <= 1.5 * n and bucket(n, 16) >= 16
+    for k in range(2, 10):  # (2^k, 2^(k+1)] falls into two buckets
+        assert len({bucket(n) for n in range(2**k + 1, 2 ** (k + 1) + 1)}) == 2
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 5])
+def test_padded_step_same_as_unpadded(models, batch, micro_batch_size):
+    """What ``cuda_graphs`` needs, micro-batches padded to a few shapes, changes no gradient and no statistic:
+    padding pairs have weight 0 and no completion, padding tokens come after each sequence's end."""
+    samples, _ = batch
+    plain, padded = (learner(models, micro_batch_size=micro_batch_size) for _ in range(2))
+    padded.pad_shapes = True
+    shapes = []
+    padded.policy.register_forward_pre_hook(
+        lambda _module, _args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    reference = padded.reference_pair_logps(samples, NINE_PAIRS)
+    torch.testing.assert_close(reference, plain.reference_pair_logps(samples, NINE_PAIRS), rtol=0, atol=1e-9)
+    for ahead in (None, reference):
+        a, b = plain.train_step(samples, NINE_PAIRS, ahead), padded.train_step(samples, NINE_PAIRS, ahead)
+        for field in ("loss", "kl", "reward_accuracy", "logratio_margin", "grad_norm"):
+            assert getattr(b, field) == pytest.approx(getattr(a, field), abs=EXACT_TOLERANCE), field
+        assert_same_grads(grads(plain), grads(padded))
+    # the policy saw padded shapes: 2 x 12 rows of 24 tokens, or micro-batches of 2 x 6 and 2 x 4 rows
+    rows = [24] if micro_batch_size is None else [12, 8]
+    assert shapes == [(r, 24) for r in rows] * 2, shapes
+
+
+def test_cuda_graphs_refused_where_they_cannot_run(models):
+    with pytest.raises(ConfigError, match="cuda_graphs: not with gradient_checkpointing"):
+        load_config(None, ["model=m", "cuda_graphs=true", "gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        load_config(None, ["model=m", "cuda_graphs=true", "logprob_chunk_tokens=64"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graphs: needs one process on a CUDA device"):
+            learner(models, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("bf16", 2e-3)])
+@pytest.mark.parametrize("micro_batch_size", [None, 5])
+def test_cuda_graph_steps_same_as_eager_steps(models, batch, precision, tolerance, micro_batch_size):
+    """Steps replayed from CUDA graphs give the statistics and the weights of eager steps on the same padded
+    shapes, across new shapes recorded mid-run (and mid-step, between micro-batches)."""
+    samples, three_pairs = batch
+    eager, graphed = (
+        learner(models, device="cuda", precision=precision, micro_batch_size=micro_batch_size, cuda_graphs=g)
+        for g in (False, True)
+    )
+    eager.pad_shapes = True  # (the same shapes: the graphs replay the eager kernels)
+    for step, pairs in enumerate((NINE_PAIRS, three_pairs, NINE_PAIRS, three_pairs)):
+        reference = None
+        if step >= 2:  # the reference's log-probabilities from its graphs in another thread, as the producer
+            with ThreadPoolExecutor(1) as producer:
+                reference = producer.submit(graphed.reference_pair_logps, samples, pairs).result()
+            expected = eager.reference_pair_logps(samples, pairs)
+            torch.testing.assert_close(reference, expected, rtol=0, atol=tolerance)
+        a, b = eager.train_step(samples, pairs), graphed.train_step(samples, pairs, reference)
+        for field in ("loss", "kl", "reward_accuracy", "logratio_margin", "grad_norm"):
+            assert getattr(b, field) == pytest.approx(getattr(a, field), abs=tolerance), (field, pairs)
+        assert_same_grads(grads(eager), grads(graphed), tolerance)
+    shapes = 2 if micro_batch_size is None else 3  # 12 and 3 pairs; or 6, 4 and 3
+    assert len(graphed.graphs.graphs) == len(graphed.reference_graphs.graphs) == shapes
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -166,6 +166,12 @@ class TrainConfig(BaseModel):
     """Take the log-probabilities through the lm_head this many completion tokens at a time (recomputed in
     the backward pass), so the fp32 logits of all tokens (tokens x vocabulary) never exist at once; 0 = all
     tokens at once. For models whose logits are the lm_head's output (not Gemma 2/3's softcapping)."""
+    cuda_graphs: bool = False
+    """Record the policy's forward and backward of each micro-batch shape as a CUDA graph and replay it (one
+    process on a GPU). At online DPO's small shapes a step is bound by launching its thousands of kernels;
+    a graph launches them at once. Micro-batches are padded to a few shapes (pairs and tokens rounded up
+    by at most half, with padding that changes no gradient); each new shape costs one recording (about
+    three eager micro-batches). Not with gradient_checkpointing or logprob_chunk_tokens."""
 
     # --- several ranks: torchrun + FSDP2 (trainer_client/distributed.py) ---------------------------------
     dist_timeout_seconds: float = Field(600.0, gt=0)
@@ -231,6 +237,11 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.push == "shared" and not self.shared_dir:
             raise ValueError("push: shared needs shared_dir (a folder the server can read)")
+        if self.cuda_graphs and (self.gradient_checkpointing or self.logprob_chunk_tokens):
+            raise ValueError(
+                "cuda_graphs: not with gradient_checkpointing or logprob_chunk_tokens (recomputation, and "
+                "shapes read from the data); turn those off or set cuda_graphs: false"
+            )
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
         rewards = self.reward_names

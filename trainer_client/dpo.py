@@ -22,14 +22,14 @@ from torch.utils.checkpoint import checkpoint
 # Log-probabilities
 # ---------------------------------------------------------------------------------------------------------
 def collate(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, length: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``prompt + completion`` token ids.
+    """Right-padded ``prompt + completion`` token ids, at least ``length`` tokens long.
 
     Returns ``input_ids``, ``attention_mask`` and ``completion_mask``, each (B, T); ``completion_mask`` is 1
     exactly on the completion's tokens (not the prompt, not the padding)."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
-    T = max(len(r) for r in rows)
+    T = max(length, *(len(r) for r in rows))
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
     completion_mask = torch.zeros((len(rows), T), dtype=torch.long)

@@ -42,6 +42,7 @@ from trainer_client import checkpoint, distributed
 from trainer_client.config import TrainConfig
 from trainer_client.distributed import DistributedError, Ranks
 from trainer_client.dpo import collate, dpo_loss, token_logps
+from trainer_client.graphs import CudaGraphs, bucket
 
 if TYPE_CHECKING:
     from trainer_client.backends import GenerationBatch
@@ -235,6 +236,21 @@ class Learner:
             self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
 
+        # --- CUDA graphs (graphs.py): fixed shapes, so micro-batches are padded ----------------------------
+        self.graphs: CudaGraphs | None = None  # of the step's micro-batches (the training thread)
+        self.reference_graphs: CudaGraphs | None = None  # of the reference's forward (whichever thread)
+        self.pad_shapes = False
+        """Pad each micro-batch to a bucket of pairs and tokens (what a graph's fixed shapes need)."""
+        if c.cuda_graphs:
+            if ranks or not on_gpu:
+                raise ValueError(
+                    "cuda_graphs: needs one process on a CUDA device (not torchrun, not the CPU); "
+                    "set cuda_graphs: false"
+                )
+            self.graphs = CudaGraphs(self._micro_batch, self.device)
+            self.reference_graphs = CudaGraphs(self._reference_sums, self.device)
+            self.pad_shapes = True
+
     @property
     def is_main(self) -> bool:
         """The rank that runs the loop: generates, scores, pushes, logs and writes (the only process, or
@@ -285,12 +301,11 @@ class Learner:
         mb = self.config.micro_batch_size or max(len(rows), 1)
         out = torch.zeros(len(rows), 2, dtype=torch.float64)
         side = torch.cuda.stream(self.side_stream) if self.side_stream is not None else nullcontext()
-        with side, torch.no_grad():
+        with side:
             for i in range(0, len(rows), mb):
                 m = len(rows[i : i + mb])
-                ref_tok = self._logps(self.reference_logps, self._pair_inputs(rows[i : i + mb]))  # (2m, T)
-                ref_logps = ref_tok.sum(-1, dtype=torch.float64)  # (2m,): chosen, then rejected
-                out[i : i + m] = ref_logps.view(2, m).T.cpu()  # (m, 2)
+                ref_logps = self._reference(*self._pair_inputs(rows[i : i + mb])).view(2, -1)  # (2, m')
+                out[i : i + m] = ref_logps[:, :m].T.cpu()  # (m, 2) (padded with pad_shapes: m' >= m)
         return out
 
     def _train_step(self, rows: Rows, reference: torch.Tensor | None = None) -> StepStats:
@@ -306,41 +321,27 @@ class Learner:
         # the step's statistics, summed on the device and read once at the end (each read waits for the GPU)
         names = ("loss", "margin", "accuracy", "kl_sum", "kl_tokens")
         totals = torch.zeros(len(names), dtype=torch.float64, device=self.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        # (graphs write the gradients where they were recorded: zeroed in place, never freed)
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
+        micro_batch = self.graphs if self.graphs is not None else self._micro_batch
         with self._collectives("the DPO step"):
             for i in range(micro_batches):  # gradients accumulate over the micro-batches
                 chunk = mine[i * mb : (i + 1) * mb]
                 idle = not chunk  # no pairs left here: a pair of weight 0 keeps this rank in the collectives
                 chunk = chunk or rows[:1]
-                m = len(chunk)
                 inputs = self._pair_inputs(chunk)  # input_ids, attention_mask, completion_mask: (2m, T)
-                # (2m,): chosen, then rejected; summed in fp64, as the KL below is a small difference of the
-                # policy's and the reference's sums (whichever thread took the reference's)
-                policy_logps = self._logps(self.policy_logps, inputs).sum(-1, dtype=torch.float64)
+                m = inputs[0].shape[0] // 2  # (padded: more than len(chunk), the rest of weight 0)
+                weights = torch.zeros(m, dtype=torch.float64)
+                weights[: len(chunk)] = 0.0 if idle else 1.0 / P  # the mean over all P pairs
                 if reference is None:
-                    with torch.no_grad():
-                        ref_logps = self._logps(self.reference_logps, inputs).sum(-1, dtype=torch.float64)
+                    ref_logps = self._reference(*inputs)
                 else:  # taken ahead: (m, 2) rows of (chosen, rejected)
-                    ahead = reference[i * mb : (i + 1) * mb]
-                    ref_logps = torch.cat([ahead[:, 0], ahead[:, 1]]).to(self.device)  # (2m,)
-                chosen_logps, rejected_logps = policy_logps[:m], policy_logps[m:]  # (m,)
-                ref_chosen_logps, ref_rejected_logps = ref_logps[:m], ref_logps[m:]  # (m,)
-                losses = dpo_loss(
-                    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c.beta, c.loss
-                )
-                loss = losses.sum() / P  # the mean over all P pairs
-                (loss * 0 if idle else loss).backward()
-                if idle:
-                    continue
-                with torch.no_grad():
-                    h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (m,)
-                    totals += torch.stack([
-                        losses.sum() / P,
-                        h.sum() / P,
-                        (h > 0).sum() / P,
-                        (policy_logps - ref_logps).sum(),  # of log pi - log pi_ref over the tokens
-                        inputs[2].sum(),  # completion tokens
-                    ]).double()  # fmt: skip
+                    ahead = torch.zeros(m, 2, dtype=torch.float64)
+                    ahead[: len(chunk)] = reference[i * mb : (i + 1) * mb]
+                    ref_logps = ahead.T.reshape(-1).to(self.device)  # (2m,): chosen, then rejected
+                stats = micro_batch(*inputs, ref_logps, weights.to(self.device))
+                if not idle:
+                    totals += stats
 
             if P:  # (an infinite max_norm only measures)
                 max_norm = c.max_grad_norm if c.max_grad_norm is not None else math.inf
@@ -358,7 +359,8 @@ class Learner:
                     f"not applied and nothing after version {self.step} is pushed. Lower learning_rate "
                     "(or set max_grad_norm) and resume from the last checkpoint"
                 )
-            self.optimizer.step()
+            if P:  # (no pairs: no gradient, as eager AdamW skips parameters without one)
+                self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
@@ -371,19 +373,77 @@ class Learner:
             lr=lr,
         )
 
+    @property
+    def _reference(self):
+        return self.reference_graphs if self.reference_graphs is not None else self._reference_sums
+
+    @torch.no_grad()
+    def _reference_sums(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The reference's log-probabilities of (2m, T) inputs summed over the completion tokens, (2m,) fp64
+        (the KL is a small difference of the policy's and the reference's sums). (Replayed from CUDA graphs
+        with ``cuda_graphs``.)"""
+        inputs = (input_ids, attention_mask, completion_mask)
+        return self._logps(self.reference_logps, inputs).sum(-1, dtype=torch.float64)
+
+    def _micro_batch(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        ref_logps: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """The policy's forward, the DPO loss and its backward on one micro-batch of m pairs: (2m, T)
+        inputs (the chosen completions, then the rejected ones), the reference's summed log-probabilities
+        ``ref_logps`` (2m,), and each pair's ``weights`` (m,): 1/P, or 0 for padding. The gradients
+        accumulate. Returns the statistics (5,): weighted loss, margin and accuracy, the sum of
+        log pi - log pi_ref over the completion tokens, and their count. (Replayed from CUDA graphs with
+        ``cuda_graphs``: no host sync in here.)"""
+        c, m = self.config, weights.shape[0]
+        inputs = (input_ids, attention_mask, completion_mask)
+        # (2m,) summed in fp64: the KL below is a small difference of the policy's and the reference's sums
+        policy_logps = self._logps(self.policy_logps, inputs).sum(-1, dtype=torch.float64)
+        chosen_logps, rejected_logps = policy_logps[:m], policy_logps[m:]  # (m,)
+        ref_chosen_logps, ref_rejected_logps = ref_logps[:m], ref_logps[m:]  # (m,)
+        losses = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, c.beta, c.loss)
+        (losses * weights).sum().backward()
+        with torch.no_grad():
+            h = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # (m,)
+            return torch.stack([
+                (losses * weights).sum(),
+                (h * weights).sum(),
+                ((h > 0) * weights).sum(),
+                (policy_logps - ref_logps).sum(),  # of log pi - log pi_ref over the completion tokens
+                completion_mask.sum(),
+            ]).double()  # fmt: skip
+
     def _pair_inputs(self, rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``completion_mask`` of ``rows`` on the device, each (2m, T):
-        the m chosen completions, then the m rejected ones, after their prompts."""
-        prompt_ids = [p for p, _, _ in rows] * 2
-        completion_ids = [chosen for _, chosen, _ in rows] + [rejected for _, _, rejected in rows]  # (2m,)
-        input_ids, attention_mask, completion_mask = collate(prompt_ids, completion_ids, self.pad_id)
+        the m chosen completions, then the m rejected ones, after their prompts. With ``pad_shapes``, m
+        and T are rounded up to buckets: padding pairs of one pad token and no completion, padding tokens
+        after each sequence's end."""
+        m, T = len(rows), 0
+        prompts, chosen, rejected = [p for p, _, _ in rows], [c for _, c, _ in rows], [r for _, _, r in rows]
+        if self.pad_shapes:
+            m, T = bucket(len(rows)), bucket(max(len(p) + max(len(c), len(r)) for p, c, r in rows), 16)
+            padding = m - len(rows)
+            prompts += [[self.pad_id]] * padding
+            chosen += [[]] * padding
+            rejected += [[]] * padding
+        input_ids, attention_mask, completion_mask = collate(prompts * 2, chosen + rejected, self.pad_id, T)
         return input_ids.to(self.device), attention_mask.to(self.device), completion_mask.to(self.device)
 
     def _logps(self, logps: LogProbs, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Completion-token log-probabilities (2m, T) of ``logps`` (the policy's or the reference's) on
         ``inputs``, in the run's precision."""
         bf16 = self.precision == "bf16"
-        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16):
+        # (no cast cache: each weight is cast once per forward anyway, and a graph must not keep one)
+        autocast = torch.autocast(
+            torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False
+        )
+        with autocast:
             return logps(*inputs)
 
     # ------------------------------------------------------------------------------------------------------
