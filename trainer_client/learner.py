@@ -424,7 +424,7 @@ class Learner:
         the m chosen completions, then the m rejected ones, after their prompts. With ``pad_shapes``, m
         and T are rounded up to buckets: padding pairs of one pad token and no completion, padding tokens
         after each sequence's end."""
-        m, T = len(rows), 0
+        T = 0  # (collate's own: the longest row)
         prompts, chosen, rejected = [p for p, _, _ in rows], [c for _, c, _ in rows], [r for _, _, r in rows]
         if self.pad_shapes:
             m, T = bucket(len(rows)), bucket(max(len(p) + max(len(c), len(r)) for p, c, r in rows), 16)
