@@ -9,8 +9,9 @@
 #   bash bench/run_gpu.sh tests    # the server's test suite against the CUDA engine
 #   bash bench/run_gpu.sh learn-server learn-colocate   # the 308M-parameter demo in both modes
 #   bash bench/run_gpu.sh learn-server-2gpu    # server mode with the server on GPU 1, trainer on GPU 0
-#   bash bench/run_gpu.sh trl      # docs/BENCHMARKS.md section 7: server-async against TRL, 300m, REPEATS=2
-#                                  # runs of each, interleaved (about 8 minutes; TRL's wheels staged too);
+#   bash bench/run_gpu.sh trl      # docs/BENCHMARKS.md section 7: server-async (with and without cuda_graphs)
+#                                  # against TRL, 300m, REPEATS=2 runs of each, interleaved (about 15 minutes:
+#                                  # more than one device call allows; REPEATS=1 takes about 8; TRL's wheels staged too);
 #                                  # TRL_CONFIGS="server-async server-async-ref-inside" for reference_ahead's A/B
 #   QUICK=1 bash bench/run_gpu.sh 1   # the same plumbing with --quick settings (CPU check)
 #
@@ -85,7 +86,7 @@ for b in "$@"; do
       continue ;;
     trl)
       echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
-      python3 bench/vs_trl.py --size 300m --device cuda --seeds 0 --steps 100 --configs ${TRL_CONFIGS:-server-async trl} \
+      python3 bench/vs_trl.py --size 300m --device cuda --seeds 0 --steps 100 --configs ${TRL_CONFIGS:-server-async server-async-graphs trl} \
         --repeats "${REPEATS:-2}" --work-dir runs/bench/vs_trl --out "$DEST/vs_trl.json" > "$DEST/vs_trl.log" 2>&1
       rc=$?
       grep -vE '^\(|^(INFO|WARNING|DEBUG) |it/s\]' "$DEST/vs_trl.log" | tail -n 30

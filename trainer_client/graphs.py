@@ -74,10 +74,16 @@ class CudaGraphs:
                 self.run(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the producer and pusher threads keep using the GPU while this thread records
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            stats = self.run(*static)
         name = getattr(self.run, "__name__", "run")
+        try:
+            # thread_local: the producer and pusher threads keep using the GPU while this thread records
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                stats = self.run(*static)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"cuda_graphs: recording {name} for shape {tuple(inputs[0].shape)} failed ({e}); a model "
+                "whose forward reads values back to the host cannot be recorded: set cuda_graphs: false"
+            ) from e
         log.info(
             "cuda_graphs: recorded %s for shape %s in %.2f s (%d graphs)",
             name, tuple(inputs[0].shape), time.monotonic() - t0, len(self.graphs) + 1,
