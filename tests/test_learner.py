@@ -218,7 +218,7 @@ def test_cuda_graphs_refused_where_they_cannot_run(models):
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("bf16", 2e-3)])
 @pytest.mark.parametrize("micro_batch_size", [None, 5])
 def test_cuda_graph_steps_same_as_eager_steps(models, batch, precision, tolerance, micro_batch_size):
-    """Steps replayed from CUDA graphs give the statistics and the weights of eager steps on the same padded
+    """Steps replayed from CUDA graphs give the statistics and gradients of eager steps on the same padded
     shapes, across new shapes recorded mid-run (and mid-step, between micro-batches)."""
     samples, three_pairs = batch
     eager, graphed = (

@@ -20,6 +20,9 @@ Precision (``config.precision``):
           weights in bf16: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``), while the weights
           (master weights), gradients and AdamW state stay fp32; the reference is held in bf16.
 Either way the log-probabilities are taken in fp32 from the logits (``dpo.token_logps``).
+
+``cuda_graphs`` (one process on a GPU): each micro-batch's policy forward and backward, and the reference's
+forward, are replayed from CUDA graphs (graphs.py), on micro-batches padded to a few shapes.
 """
 
 from __future__ import annotations
