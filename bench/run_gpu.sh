@@ -13,6 +13,7 @@
 #                                  # against TRL, 300m, REPEATS=2 runs of each, interleaved (about 15 minutes:
 #                                  # more than one device call allows; REPEATS=1 takes about 8; TRL's wheels staged too);
 #                                  # TRL_CONFIGS="server-async server-async-ref-inside" for reference_ahead's A/B
+#                                  # SEEDS="1 2" for other seeds (default 0)
 #   QUICK=1 bash bench/run_gpu.sh 1   # the same plumbing with --quick settings (CPU check)
 #
 # vLLM must be staged as ../shared/gpu/README.md describes (wheels copied to /root/stage); if it is not
@@ -86,7 +87,7 @@ for b in "$@"; do
       continue ;;
     trl)
       echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
-      python3 bench/vs_trl.py --size 300m --device cuda --seeds 0 --steps 100 --configs ${TRL_CONFIGS:-server-async server-async-graphs trl} \
+      python3 bench/vs_trl.py --size 300m --device cuda --seeds ${SEEDS:-0} --steps 100 --configs ${TRL_CONFIGS:-server-async server-async-graphs trl} \
         --repeats "${REPEATS:-2}" --work-dir runs/bench/vs_trl --out "$DEST/vs_trl.json" > "$DEST/vs_trl.log" 2>&1
       rc=$?
       grep -vE '^\(|^(INFO|WARNING|DEBUG) |it/s\]' "$DEST/vs_trl.log" | tail -n 30

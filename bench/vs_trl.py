@@ -214,15 +214,16 @@ def run_seed(seed: int, args, work: Path) -> list[dict]:
     before = starter_accuracy(starter, args.device, seed_dir)
     print(f"[seed {seed}] starter {starter}: held-out accuracy {before:.3f}", flush=True)
     names = list(args.configs)
+    shift = seed % len(names)  # rotated before TRL's rows are expanded: its fallback row stays after vLLM's
+    names = names[shift:] + names[:shift]
     if "trl" in names:  # one row per TRL generation backend asked for, next to each other
         i = names.index("trl")
         generations = list(args.trl_generation)
         if args.trl_fallback and generations == ["vllm"]:
             generations.append("transformers")  # run only if the vLLM row fails
         names[i : i + 1] = [f"trl-{g}" for g in generations]
-    shift = seed % len(names)
     rows = []
-    runs = [(name, r) for r in range(1, args.repeats + 1) for name in names[shift:] + names[:shift]]
+    runs = [(name, r) for r in range(1, args.repeats + 1) for name in names]
     for name, repeat in runs:  # (repeats interleaved: a slow patch of the machine hits every configuration)
         if name == "trl-transformers" and args.trl_fallback and "trl-vllm" in names:
             vllm_rows = [r for r in rows if r["config"] == "trl-vllm"]

@@ -10,7 +10,12 @@ from fastapi import APIRouter, Depends, Request
 from generator_server.auth import require_api_key
 from generator_server.errors import ApiError
 from generator_server.routes import Engine
-from generator_server.schemas import StreamBeginRequest, StreamBeginResponse, WeightsUpdate
+from generator_server.schemas import (
+    StreamBeginRequest,
+    StreamBeginResponse,
+    StreamCommitRequest,
+    WeightsUpdate,
+)
 from generator_server.stream import StreamReceiver
 
 router = APIRouter(prefix="/weights/stream", dependencies=[Depends(require_api_key)], tags=["weights"])
@@ -49,8 +54,8 @@ async def begin(body: StreamBeginRequest, receiver: Receiver):
 
 
 @router.post("/{session}/commit", response_model=WeightsUpdate, responses=ERRORS)
-async def commit(session: str, receiver: Receiver):
-    return await receiver.commit(session)
+async def commit(session: str, receiver: Receiver, body: StreamCommitRequest | None = None):
+    return await receiver.commit(session, body.blake3 if body is not None else None)
 
 
 @router.delete("/{session}", responses=ERRORS)

@@ -179,7 +179,18 @@ class StreamBeginRequest(_Request):
 
     version: Int = Field(ge=0, description="New weights version; must exceed the current one.")
     bytes: Int = Field(ge=8, description="Exact size of the body in bytes.")
-    blake3: str = Field(description="BLAKE3 of the body, 64 hex digits: checked before the swap.")
+    blake3: str | None = Field(
+        default=None,
+        description="BLAKE3 of the body, 64 hex digits, checked before the swap; or give it with the commit.",
+    )
+
+
+class StreamCommitRequest(_Request):
+    """Optional body of a commit."""
+
+    blake3: str | None = Field(
+        default=None, description="BLAKE3 of the body, 64 hex digits, if begin did not give it (or the same)."
+    )
 
 
 class StreamBeginResponse(BaseModel):

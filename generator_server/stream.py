@@ -7,17 +7,20 @@ and BLAKE3 hashes them in another thread, 8 MiB at a time, as they arrive.
 
 One upload is one session, driven over HTTP (``routes_stream.py``), like a CUDA IPC transfer:
 
-    begin (version, size, BLAKE3)  ->  ticket + body on the stream port  ->  commit      (or abort)
+    begin (version, size)  ->  ticket + body on the stream port  ->  commit (BLAKE3)      (or abort)
 
 ``begin`` checks what can be checked before a byte moves (the version, the size against
 ``--max-upload-bytes``, room to stage it) and answers with a one-time ticket; the sender connects to the
-stream port and writes the 32-byte ticket, then exactly the announced number of bytes. ``commit`` waits
-for the last byte and its digest, then does with the staged file what ``PUT /weights`` does: checks names
-and shapes, swaps it in, answers. A connection with an unknown or used ticket is closed; more bytes than
-announced, a connection that ends early, a digest that does not match or nothing heard for
-``--transfer-timeout`` seconds fail the session, and the served weights never change before the commit's
-checks pass. The port carries no TLS and no key of its own: the ticket comes from an authenticated request,
-and the BLAKE3 digest it announced is checked, but the bytes travel in the clear.
+stream port and writes the 32-byte ticket, then exactly the announced number of bytes. The body's BLAKE3 comes
+with the commit (or already with begin), so a sender can start sending before its own hashing ends. ``commit``
+waits for the last byte and its digest, then does with the staged file what ``PUT /weights`` does: checks
+names and shapes, swaps it in, answers. The file stays mapped once served: when it comes back as the spare
+(``WeightStore.promote``), the next upload but one writes into it without mapping it again. A connection with
+an unknown or used ticket is closed; more bytes than announced, a connection that ends early, a digest that
+does not match or nothing heard for ``--transfer-timeout`` seconds fail the session, and the served weights
+never change before the commit's checks pass. The port carries no TLS and no key of its own: the ticket comes
+from an authenticated request, and the BLAKE3 digest the sender gives is checked, but the bytes travel in the
+clear.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import mmap
-import os
 import secrets
 import time
 import uuid
@@ -37,7 +38,7 @@ from pathlib import Path
 from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
 from generator_server.schemas import StreamBeginRequest, WeightsUpdate
-from generator_server.weights import WRITE_CHUNK_BYTES, new_blake3, no_room, parse_blake3
+from generator_server.weights import WRITE_CHUNK_BYTES, UploadFile, new_blake3, no_room, parse_blake3
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,6 @@ HASH_BYTES = WRITE_CHUNK_BYTES
 """The body is hashed in pieces of this size as they complete (one BLAKE3 call each, on every core)."""
 RECV_BYTES = 64 * 2**20
 """Most bytes one ``recv_into`` may write (the kernel hands over what the socket holds)."""
-MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # (Linux)
-
-
-def map_for_upload(path: Path, nbytes: int) -> mmap.mmap:
-    """``path`` (new, or a recycled weights file to write over) made exactly ``nbytes`` long, its space
-    reserved and mapped: a full disk or tmpfs is an ``OSError`` here, never a SIGBUS mid-write."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.ftruncate(fd, nbytes)
-        os.posix_fallocate(fd, 0, nbytes)
-        # every page mapped at once: on a recycled file, 3x faster than a page fault at each first write
-        # (fresh tmpfs pages are zeroed either way, here or at their first write)
-        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | MAP_POPULATE)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -69,9 +55,9 @@ class StreamSession:
     ticket: bytes
     version: int
     nbytes: int
-    blake3: str
+    blake3: str | None  # (None: the commit gives it)
     staged: Path
-    file: mmap.mmap
+    upload: UploadFile
     done: asyncio.Future  # the body has arrived and is hashed: its receive seconds; or the failure
     hasher: object = field(default_factory=new_blake3)
     received: int = 0
@@ -88,6 +74,9 @@ class StreamSession:
             self.done.set_exception(error)
         if self.connection is not None:
             self.connection.close()
+
+    def view(self, start: int, end: int) -> memoryview:
+        return memoryview(self.upload.map)[start:end]
 
 
 class StreamReceiver:
@@ -123,10 +112,10 @@ class StreamReceiver:
             raise ApiError(
                 413, f"body of {request.bytes} bytes exceeds --max-upload-bytes {store.max_upload_bytes}"
             )
-        digest = parse_blake3(request.blake3)
+        digest = parse_blake3(request.blake3) if request.blake3 is not None else None
         staged = store.new_staging_dir(request.bytes, recycle=True)  # (maybe the spare file, to write over)
         try:
-            file = map_for_upload(staged / "model.safetensors", request.bytes)
+            upload = store.open_upload(staged / "model.safetensors", request.bytes)
         except OSError as e:
             store.discard(staged)
             if (refusal := no_room(e)) is None:
@@ -136,24 +125,22 @@ class StreamReceiver:
         done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (read by commit, if it comes)
         session = StreamSession(
             uuid.uuid4().hex, secrets.token_bytes(TICKET_BYTES), request.version, request.bytes, digest,
-            staged, file, done,
+            staged, upload, done,
         )  # fmt: skip
         self.sessions[session.id] = session
         session.tasks.append(asyncio.ensure_future(self._watch(session)))
         return session
 
-    async def commit(self, session_id: str) -> WeightsUpdate:
+    async def commit(self, session_id: str, blake3: str | None = None) -> WeightsUpdate:
+        """Wait for the body, check it against its BLAKE3 (given at begin, or here), swap it in."""
         session = self._get(session_id)
         session.committing = True
         try:
+            expected = _expected_digest(session.blake3, blake3)
             receive_seconds = await asyncio.shield(session.done)
             found = session.hasher.hexdigest()
-            if found != session.blake3:
-                raise ApiError(
-                    400, f"BLAKE3 mismatch: body hashes to {found}, the stream session announced "
-                    f"{session.blake3}",
-                )  # fmt: skip
-            _close(session.file)
+            if found != expected:
+                raise ApiError(400, f"BLAKE3 mismatch: body hashes to {found}, the sender gave {expected}")
             update = await self.engine.update_weights(
                 session.staged, session.nbytes, session.version, source="stream"
             )
@@ -161,6 +148,7 @@ class StreamReceiver:
             self._drop(session, error if isinstance(error, ApiError) else ApiError(500, str(error)))
             raise
         self.sessions.pop(session.id, None)
+        self.engine.store.keep_upload(session.upload)  # served now: the next upload but one writes over it
         return update.model_copy(update={"receive_seconds": round(receive_seconds, 6)})
 
     async def abort(self, session_id: str) -> None:
@@ -176,7 +164,7 @@ class StreamReceiver:
         """End ``session`` with ``error`` (if it has not ended) and delete what it staged."""
         session.fail(error)
         if self.sessions.pop(session.id, None) is not None:
-            _close(session.file)
+            session.upload.close()
             self.engine.store.discard(session.staged)
 
     async def _watch(self, session: StreamSession) -> None:
@@ -212,7 +200,7 @@ class StreamReceiver:
         if session.received - session.hashed >= HASH_BYTES or complete:
             start, end = session.hashed, session.received
             session.hashed = end
-            view = memoryview(session.file)[start:end]
+            view = session.view(start, end)
             session.hashing = asyncio.get_running_loop().run_in_executor(
                 self._hash_thread, _update, session.hasher, view
             )
@@ -240,11 +228,14 @@ def _update(hasher, view: memoryview) -> None:
         view.release()
 
 
-def _close(file: mmap.mmap) -> None:
-    try:
-        file.close()
-    except BufferError:  # a view is still held (a hash in flight): the map goes when it does
-        log.debug("stream upload: map still in use; left to the garbage collector")
+def _expected_digest(announced: str | None, given: str | None) -> str:
+    """The BLAKE3 a session's body must hash to: the one its begin announced or its commit gives."""
+    given = parse_blake3(given) if given is not None else None
+    if announced is not None and given is not None and given != announced:
+        raise ApiError(400, f"the commit's BLAKE3 {given} is not the one begin announced ({announced})")
+    if (expected := announced or given) is None:
+        raise ApiError(400, "no BLAKE3 for this stream upload: give it in begin or in commit")
+    return expected
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -275,7 +266,7 @@ class _Connection(asyncio.BufferedProtocol):
         if session.received >= session.nbytes or session.done.done():
             return memoryview(self.scratch)
         end = min(session.nbytes, session.received + RECV_BYTES)
-        return memoryview(session.file)[session.received : end]
+        return session.view(session.received, end)
 
     def buffer_updated(self, nbytes: int) -> None:
         session = self.session

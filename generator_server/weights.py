@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -56,6 +57,7 @@ MEMORY_ROOT_PREFIX = "generator-pushes-"
 MEMORY_HEADROOM_BYTES = 2**30
 """Memory a push must leave free (besides a quarter of its own size) to be staged in memory: the engine's
 reload needs some, and running out of memory kills processes where running out of disk only fails a push."""
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # (Linux)
 IOV_MAX = 1024
 MIN_DIGEST_CHUNK_BYTES, MAX_DIGEST_CHUNK_BYTES = 1 << 20, 1 << 30
 """The chunk sizes ``X-Weights-Chunked-SHA256`` may name: powers of two between these."""
@@ -312,6 +314,24 @@ def _sha256_of(pieces: list[memoryview]) -> bytes:
 
 
 # --- the weights folders this server owns --------------------------------------------------------------
+@dataclass(eq=False)
+class UploadFile:
+    """A staged weights file held open and mapped, for an upload to write its body into (``recv_into``)."""
+
+    fd: int
+    map: mmap.mmap
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.map.close()
+        except BufferError:  # a view is still held (a hash in flight): the map goes when it does
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
 class WeightStore:
     """The folders this server owns: one staging folder per incoming weights and the folder of the weights
     being served.
@@ -348,6 +368,8 @@ class WeightStore:
         """Folder holding the safetensors of the weights served now (at first, the model folder)."""
         self.keep_spare = False
         """Keep a superseded in-memory weights file as the spare (see :meth:`promote`)."""
+        self._kept_uploads: list[UploadFile] = []
+        """Stream uploads now served or spare, still mapped (see :meth:`keep_upload`)."""
         self._hash_pool: ThreadPoolExecutor | None = None
         """Threads hashing the chunks of ``X-Weights-Chunked-SHA256`` bodies (started with the first)."""
 
@@ -382,10 +404,54 @@ class WeightStore:
                 os.replace(spare, path / "model.safetensors")
             else:
                 spare.unlink(missing_ok=True)
+                self._close_deleted_uploads()
         return path
+
+    def open_upload(self, path: Path, nbytes: int) -> UploadFile:
+        """``path`` (new, or the recycled spare to write over) made exactly ``nbytes`` long, its space
+        reserved and mapped: a full disk or tmpfs is an ``OSError`` here, never a SIGBUS mid-write. The
+        spare comes with the mapping its own upload left (see :meth:`keep_upload`) when it is that long."""
+        kept = self._take_kept_upload(path)
+        if kept is not None:
+            if len(kept.map) == nbytes == os.fstat(kept.fd).st_size:
+                return kept
+            kept.close()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
+            # every page mapped at once: on a recycled file, 3x faster than a page fault at each first
+            # write (fresh tmpfs pages are zeroed either way, here or at their first write)
+            return UploadFile(fd, mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | MAP_POPULATE))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def keep_upload(self, upload: UploadFile) -> None:
+        """Keep the mapping of an upload now served, for when its file comes back as the spare: mapping 2 GB
+        again takes 0.1-0.2 s. Mappings of files since deleted are closed (they would hold their memory)."""
+        self._kept_uploads.append(upload)
+        self._close_deleted_uploads()
+
+    def _take_kept_upload(self, path: Path) -> UploadFile | None:
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            return None
+        for kept in self._kept_uploads:
+            if os.path.samestat(os.fstat(kept.fd), found):  # (its fd is open: the inode is not reused)
+                self._kept_uploads.remove(kept)
+                return kept
+        return None
+
+    def _close_deleted_uploads(self) -> None:
+        for kept in [k for k in self._kept_uploads if os.fstat(k.fd).st_nlink == 0]:
+            self._kept_uploads.remove(kept)
+            kept.close()
 
     def discard(self, staged: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
+        self._close_deleted_uploads()
 
     def prepare(self, staged: Path, version: int) -> Path:
         """Move checked weights to the folder they will be served from as ``version`` (same parent)."""
@@ -408,8 +474,12 @@ class WeightStore:
                 except OSError:
                     pass  # (a sharded checkpoint's folder has no single file: nothing to keep)
             shutil.rmtree(previous, ignore_errors=True)
+            self._close_deleted_uploads()
 
     def close(self) -> None:
+        for kept in self._kept_uploads:
+            kept.close()
+        self._kept_uploads.clear()
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=False, cancel_futures=True)
         if self._owns_work_dir:

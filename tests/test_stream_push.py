@@ -19,7 +19,6 @@ import pytest
 from conftest import API_KEY, TRANSFER_TIMEOUT, probe, same_weights
 from safetensors.torch import load_file
 
-from generator_server.stream import map_for_upload
 from generator_server.weights import SPARE_FILE, WeightStore
 from trainer_client.backends import ServerBackend
 from trainer_client.client import GeneratorClient, GeneratorHTTPError
@@ -31,6 +30,7 @@ def next_version(client: httpx.Client) -> int:
 
 
 def begin(client: httpx.Client, version: int, body: bytes, digest: str | None = None) -> dict:
+    """Open a stream upload of ``body``, announcing its BLAKE3 (or ``digest``) at once."""
     r = client.post(
         "/weights/stream/begin",
         json={"version": version, "bytes": len(body), "blake3": digest or blake3.blake3(body).hexdigest()},
@@ -65,22 +65,24 @@ def staging_is_tidy(work_dir: Path, timeout: float = 10.0) -> bool:
 
 def test_a_superseded_weights_file_is_written_over_by_the_next_stream_upload(tmp_path):
     """With a stream port, the weights file of a version superseded in memory is kept (its pages are in
-    place) and the next stream upload writes over it, made exactly its own size; anything else that stages
-    deletes it, and without a stream port none is kept."""
+    place) and the next stream upload writes over it, made exactly its own size, through the mapping its
+    own upload left when the size is the same; anything else that stages deletes it, and closes that
+    mapping (which would hold the deleted file's memory); without a stream port none is kept."""
     (tmp_path / "model").mkdir()
     store = WeightStore(tmp_path / "model", None, max_upload_bytes=1 << 30)
     if store.memory_root is None:
         pytest.skip("no writable /dev/shm")
     root, spare = store.memory_root, store.memory_root / SPARE_FILE
+    uploads = {}
     try:
 
         def serve(version: int, body: bytes) -> None:
             staged = store.new_staging_dir(len(body), recycle=True)
-            file = map_for_upload(staged / "model.safetensors", len(body))
-            file[:] = body
-            file.close()
+            upload = uploads[version] = store.open_upload(staged / "model.safetensors", len(body))
+            upload.map[:] = body
             assert (staged / "model.safetensors").read_bytes() == body
             store.promote(store.prepare(staged, version))
+            store.keep_upload(upload)
 
         store.keep_spare = True
         serve(1, b"a" * 5000)  # supersedes the model folder: nothing to keep
@@ -90,18 +92,24 @@ def test_a_superseded_weights_file_is_written_over_by_the_next_stream_upload(tmp
         inode = spare.stat().st_ino
         serve(3, b"c" * 3000)  # written over version 1's file, cut to its own size
         assert (root / "served-v3" / "model.safetensors").stat().st_ino == inode
+        assert uploads[1].map.closed and not uploads[2].map.closed  # (2 is the spare now)
         assert spare.read_bytes() == b"b" * 7000
         serve(4, b"d" * 9000)  # longer than the file it writes over
         assert (root / "served-v4" / "model.safetensors").read_bytes() == b"d" * 9000
-        assert sorted(p.name for p in root.iterdir()) == ["served-v4", SPARE_FILE]
+        serve(5, b"e" * 3000)  # as long as version 3's file: through the mapping version 3 left
+        assert uploads[5] is uploads[3] and spare.read_bytes() == b"d" * 9000
+        assert (root / "served-v5" / "model.safetensors").read_bytes() == b"e" * 3000
+        assert sorted(p.name for p in root.iterdir()) == ["served-v5", SPARE_FILE]
         store.discard(store.new_staging_dir(100))  # a PUT /weights or a load: the spare goes
-        assert not spare.exists()
+        assert not spare.exists() and uploads[4].map.closed and not uploads[5].map.closed
 
         store.keep_spare = False
-        serve(5, b"e" * 100)
-        assert sorted(p.name for p in root.iterdir()) == ["served-v5"]
+        serve(6, b"f" * 100)
+        assert sorted(p.name for p in root.iterdir()) == ["served-v6"]
+        assert uploads[5].map.closed
     finally:
         store.close()
+    assert all(u.map.closed for u in uploads.values())
 
 
 def test_stream_push_serves_what_put_serves(server, client, make_weights):
@@ -130,6 +138,9 @@ def test_stream_push_serves_what_put_serves(server, client, make_weights):
         ("cut", "ended after"),
         ("long", "more than the"),
         ("digest", "BLAKE3 mismatch"),
+        ("commit digest", "BLAKE3 mismatch"),
+        ("two digests", "is not the one begin announced"),
+        ("no digest", "give it in begin or in commit"),
     ],
 )
 def test_a_broken_upload_is_refused_and_changes_nothing(
@@ -138,16 +149,27 @@ def test_a_broken_upload_is_refused_and_changes_nothing(
     body = make_weights(seed=72).read_bytes()
     before = probe(client)
     version = next_version(client)
+    commit = None  # the commit's body
     if case == "cut":  # the sender dies half-way
         begun = begin(client, version, body)
         send(server.url, begun, body[: len(body) // 2])
     elif case == "long":
         begun = begin(client, version, body[:-1])
         send(server.url, begun, body)
-    else:
+    elif case == "digest":
         begun = begin(client, version, body, digest="0" * 64)
         send(server.url, begun, body)
-    r = client.post(f"/weights/stream/{begun['session']}/commit")
+    elif case == "two digests":  # the right one at begin, another at the commit
+        begun = begin(client, version, body)
+        send(server.url, begun, body)
+        commit = {"blake3": "1" * 64}
+    else:  # the digest only at the commit (as StreamTransport sends it): a wrong one, or none at all
+        r = client.post("/weights/stream/begin", json={"version": version, "bytes": len(body)})
+        assert r.status_code == 200, r.text
+        begun = r.json()
+        send(server.url, begun, body)
+        commit = {"blake3": "0" * 64} if case == "commit digest" else None
+    r = client.post(f"/weights/stream/{begun['session']}/commit", json=commit)
     assert r.status_code == 400 and message in r.json()["detail"], r.text
     after = probe(client)
     assert after["weights_version"] == version - 1 and same_weights(after, before)

@@ -613,15 +613,22 @@ class GeneratorClient:
         self._request("DELETE", f"/weights/ipc/{session}", retries=0)
 
     # --- stream uploads (see trainer_client/transports/stream.py) ---------------------------------------
-    def stream_begin(self, version: int, nbytes: int, blake3_hex: str) -> dict:
-        """``POST /weights/stream/begin``: open an upload of ``nbytes`` whose BLAKE3 is ``blake3_hex``;
-        returns ``session``, ``ticket`` (hex), ``port`` and ``timeout_seconds``."""
-        body = {"version": version, "bytes": nbytes, "blake3": blake3_hex}
+    def stream_begin(self, version: int, nbytes: int, blake3_hex: str | None = None) -> dict:
+        """``POST /weights/stream/begin``: open an upload of ``nbytes`` (whose BLAKE3 is ``blake3_hex``, or
+        give it to :meth:`stream_commit`); returns ``session``, ``ticket`` (hex), ``port`` and
+        ``timeout_seconds``."""
+        body = {"version": version, "bytes": nbytes}
+        if blake3_hex is not None:
+            body["blake3"] = blake3_hex
         return self._request("POST", "/weights/stream/begin", json=body).json()
 
-    def stream_commit(self, session: str) -> WeightsUpdate:
-        """``POST /weights/stream/{session}/commit``: wait for the body, check it, serve it."""
-        response = self._request("POST", f"/weights/stream/{session}/commit", retries=0)  # (one session)
+    def stream_commit(self, session: str, blake3_hex: str | None = None) -> WeightsUpdate:
+        """``POST /weights/stream/{session}/commit``: wait for the body, check it (against ``blake3_hex``
+        if begin did not have it), serve it."""
+        body = {"blake3": blake3_hex} if blake3_hex is not None else None
+        response = self._request(
+            "POST", f"/weights/stream/{session}/commit", json=body, retries=0
+        )  # (one session: never retried)
         return WeightsUpdate.model_validate(response.json())
 
     def stream_abort(self, session: str) -> None:

@@ -1,11 +1,11 @@
 """``push: stream``: the safetensors body of ``push: http`` on the server's raw TCP stream port.
 
-The snapshot is ``push: http``'s (a host copy in the served dtypes, hashed with BLAKE3 while it is
-copied). The push opens an upload session over HTTP (``POST /weights/stream/begin``: version, size,
-digest), connects to the port the server names on the host of its URL, writes the session's 32-byte
-ticket and then the body straight from the snapshot's memory, and commits (``POST
-/weights/stream/{session}/commit``): the server checks the digest, the names and the shapes and swaps the
-weights in, exactly as for ``PUT /weights``. The server receives into the staged file with ``recv_into``
+The snapshot is ``push: http``'s (a host copy in the served dtypes, hashed with BLAKE3 while it is copied).
+The push opens an upload session over HTTP (``POST /weights/stream/begin``: version, size), connects to the
+port the server names on the host of its URL, writes the session's 32-byte ticket and then the body straight
+from the snapshot's memory, and commits with the digest (``POST /weights/stream/{session}/commit``), which
+need not be ready before the first byte goes: the server checks the digest, the names and the shapes and swaps
+the weights in, exactly as for ``PUT /weights``. The server receives into the staged file with ``recv_into``
 instead of through its HTTP stack (``generator_server/stream.py``), which is what makes this faster than
 ``http``. A push that fails leaves the previous version serving; the bytes travel unencrypted.
 """
@@ -39,7 +39,7 @@ class StreamTransport(HttpTransport):
     def push(self, snapshot: HttpSnapshot, version: int) -> dict:
         body = snapshot.body
         try:
-            begun = self.client.stream_begin(version, body.nbytes, snapshot.digest.result())
+            begun = self.client.stream_begin(version, body.nbytes)  # (the digest may still be hashing)
         except StaleVersionError:  # a retried begin whose first attempt's upload had landed
             if self.client.health().weights_version == version:
                 return {"weights_version": version}
@@ -47,7 +47,7 @@ class StreamTransport(HttpTransport):
         try:
             self._send(begun, body)
             try:
-                return self.client.stream_commit(begun["session"]).model_dump()
+                return self.client.stream_commit(begun["session"], snapshot.digest.result()).model_dump()
             except GeneratorUnavailable:  # the answer was lost: did the version land?
                 if self.client.health(retries=2).weights_version == version:
                     return {"weights_version": version}
