@@ -45,6 +45,7 @@ from generator_server.weights import (
     WeightStore,
     check_compatible,
     read_folder_tensors,
+    safetensors_files,
 )
 
 log = logging.getLogger(__name__)
@@ -432,7 +433,15 @@ class GenerationEngine:
         llm = self._llm
         await llm.pause_generation()  # nothing runs (we hold the write lock); this only quiets the engine
         try:
-            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+            files = [str(f) for f in safetensors_files(folder)]
+            if files:  # (what the server stages always is; a model folder of .bin files is not)
+                done = (await llm.collective_rpc("receiver_load_files", kwargs={"paths": files}))[0]
+                log.info(
+                    "weights reloaded from %s in %.3f s (%d bytes, %d of them page-locked)",
+                    folder.name, done["seconds"], done["bytes"], done["locked_bytes"],
+                )  # fmt: skip
+            else:
+                await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
             await llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         finally:
             await llm.resume_generation()

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
+from pathlib import Path
 
 import torch
+
+from generator_server.mapped_weights import MappedWeights
 
 
 def _bytes(text: str | None) -> bytes:
@@ -44,6 +48,28 @@ class WeightReceiver:
                 raw = tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
                 digests[f"{module_name}.{name}" if module_name else name] = hashlib.sha256(raw).hexdigest()
         return digests
+
+    def receiver_load_files(self, paths: list[str]) -> dict:
+        """Reload the model in place from these safetensors files: vLLM's own ``reload_weights`` (layerwise
+        where the model needs it), fed views of the files mapped in memory (``mapped_weights.py``),
+        page-locked on a GPU once a file is loaded a second time. Returns seconds, bytes, bytes locked."""
+        mapped = getattr(self, "_mapped_weights", None)
+        if mapped is None:
+            mapped = self._mapped_weights = MappedWeights(lock=self.receiver_device_uuid() is not None)
+        started = time.perf_counter()
+        files = []
+        try:
+            files = [mapped.open(Path(p)) for p in paths]
+            self.reload_weights(weights_iterator=(t for f in files for t in f.tensors()))
+            if mapped.lock:  # every copy out of the files is done before the server may write them again
+                torch.cuda.synchronize()
+        finally:
+            mapped.done(files)
+        return {
+            "seconds": time.perf_counter() - started,
+            "bytes": sum(f.size for f in files),
+            "locked_bytes": sum(f.size for f in files if f.locked),
+        }
 
     def receiver_begin(self, layerwise: bool = True) -> None:
         """Start an in-place reload: vLLM's layerwise reload where it exists (it redoes any kernel-specific

@@ -20,6 +20,7 @@ from generator_server.app import create_app
 from generator_server.cli import parse_settings
 from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
+from generator_server.mapped_weights import MappedWeights
 from generator_server.metrics import ServerMetrics
 from generator_server.rwlock import ReadersWriterLock
 from generator_server.weights import (
@@ -219,12 +220,13 @@ class FakeReloadEngine:
     async def reset_prefix_cache(self) -> None:
         pass
 
-    async def collective_rpc(self, method: str, kwargs: dict) -> None:
-        assert method == "reload_weights" and self.paused
-        path = kwargs["weights_path"]
+    async def collective_rpc(self, method: str, kwargs: dict) -> list[dict]:
+        assert method == "receiver_load_files" and self.paused
+        path = str(Path(kwargs["paths"][0]).parent)
         if any(f in path for f in self.fail_for):
             raise RuntimeError(f"cannot load {path}")
         self.loaded.append(path)
+        return [{"seconds": 0.0, "bytes": 0, "locked_bytes": 0}]
 
     def shutdown(self) -> None:
         pass
@@ -311,3 +313,28 @@ def test_load_copies_where_linking_fails(tmp_path, monkeypatch):
     assert size == sum((folder / n).stat().st_size for n in ("a.safetensors", "b.safetensors"))
     with pytest.raises(ApiError, match="could not read"):
         store.copy_in(tmp_path / "gone.safetensors")
+
+
+# --- the worker's view of a staged file ------------------------------------------------------------------
+def test_mapped_file_tensors_equal_the_saved_ones(tmp_path):
+    """Every dtype the server accepts, a tensor starting at an offset its dtype does not divide (a bf16 tensor
+    of odd length before an f32 one), and an empty tensor: read back exactly, as views of the mapping."""
+    saved = {
+        "a.bf16": torch.randn(3, 5).to(torch.bfloat16),  # 30 bytes: what follows is not 4-byte aligned
+        "b.f32": torch.randn(7),
+        "c.empty": torch.zeros(0, 4),
+        "d.i64": torch.arange(5),
+        "e.f8": torch.randn(9).to(torch.float8_e4m3fn),
+        "f.bool": torch.tensor([True, False, True]),
+    }
+    _write(tmp_path / "model.safetensors", saved)
+    weights = MappedWeights(lock=False)
+    file = weights.open(tmp_path / "model.safetensors")
+    loaded = dict(file.tensors())
+    assert loaded.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    del loaded
+    weights.done([file])
+    assert file.fd == -1 and weights._locked == []  # nothing locked on a CPU: the mapping went with the load

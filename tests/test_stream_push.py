@@ -132,6 +132,33 @@ def test_stream_push_serves_what_put_serves(server, client, make_weights):
     assert same_weights(probe(client), streamed)
 
 
+def test_stream_pushes_in_a_row_each_serve_their_own_weights(server, client, make_weights):
+    """Stream uploads write over the two files the server alternates between, and the engine's worker loads
+    each file again and again (on a GPU from page-locked memory once a file comes back,
+    ``generator_server/mapped_weights.py``): every push still serves its own weights, never a file's
+    earlier ones. Weights A, B, A, B, C: the third and fourth answer as the first and second, the fifth as
+    a ``PUT /weights`` of C."""
+    seeds = [81, 82, 81, 82, 83]
+    paths = {seed: make_weights(seed=seed) for seed in set(seeds)}
+    answers = []
+    with GeneratorClient(server.url, api_key=API_KEY, timeout=120, max_retries=0) as gen:
+        transport = StreamTransport(gen)
+        dtypes = {name: spec.dtype for name, spec in gen.weights_spec().tensors.items()}
+        try:
+            for seed in seeds:
+                version = next_version(client)
+                transport.push(transport.snapshot(load_file(paths[seed]), dtypes), version)
+                answers.append(probe(client))
+                assert answers[-1]["weights_version"] == version
+        finally:
+            transport.close()
+    assert not same_weights(answers[0], answers[1])
+    assert same_weights(answers[2], answers[0]) and same_weights(answers[3], answers[1])
+    assert not same_weights(answers[4], answers[0]) and not same_weights(answers[4], answers[1])
+    assert server.push(paths[83], next_version(client)).status_code == 200
+    assert same_weights(probe(client), answers[4])
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
