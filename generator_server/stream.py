@@ -2,8 +2,11 @@
 
 uvicorn hands a request body to the route in reads of about 256 KiB, each copied several times on the
 event loop first: about 1 GB/s on the project's CPU machine, where a loopback socket moves 3-4 GB/s. On the
-stream port the bytes go from the socket straight into the staged file, mapped in memory (``recv_into``),
-and BLAKE3 hashes them in another thread, 8 MiB at a time, as they arrive.
+stream port the bytes go from the socket straight into the staged file, mapped in memory: once a connection
+has named its session, a thread of its own takes the socket off the event loop and reads the body 8 MiB at a
+time (``recv_into`` with ``MSG_WAITALL``: one call per piece, none of the event loop's per-read work), and
+BLAKE3 hashes each piece in another thread as it completes. The event loop meanwhile stays free for
+``/generate``.
 
 One upload is one session, driven over HTTP (``routes_stream.py``), like a CUDA IPC transfer:
 
@@ -28,10 +31,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import secrets
+import socket
+import struct
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +49,13 @@ from generator_server.weights import WRITE_CHUNK_BYTES, UploadFile, new_blake3, 
 log = logging.getLogger(__name__)
 
 TICKET_BYTES = 32
-HASH_BYTES = WRITE_CHUNK_BYTES
-"""The body is hashed in pieces of this size as they complete (one BLAKE3 call each, on every core)."""
-RECV_BYTES = 64 * 2**20
-"""Most bytes one ``recv_into`` may write (the kernel hands over what the socket holds)."""
+PIECE_BYTES = WRITE_CHUNK_BYTES
+"""The body is read and hashed in pieces of this size (one ``recv_into`` and one BLAKE3 call each)."""
+WAKE_SECONDS = 1
+"""A receiving thread wakes at least this often (``SO_RCVTIMEO``): to note that bytes still come on a slow
+link, and to stop once its session has failed."""
+RECEIVING_THREADS = 4
+"""Bodies received at once; a claimed connection beyond these waits for a thread."""
 
 
 @dataclass
@@ -62,8 +71,7 @@ class StreamSession:
     hasher: object = field(default_factory=new_blake3)
     received: int = 0
     hashed: int = 0  # bytes handed to the hasher
-    hashing: asyncio.Future | None = None  # the latest piece's hashing
-    connection: asyncio.Transport | None = None
+    sock: socket.socket | None = None  # the connection, once claimed (its receiving thread closes it)
     first_byte: float | None = None
     heard: float = field(default_factory=time.monotonic)
     committing: bool = False
@@ -72,8 +80,11 @@ class StreamSession:
     def fail(self, error: ApiError) -> None:
         if not self.done.done():
             self.done.set_exception(error)
-        if self.connection is not None:
-            self.connection.close()
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes its receiving thread, which closes it
+            except OSError:
+                pass  # closed already
 
     def view(self, start: int, end: int) -> memoryview:
         return memoryview(self.upload.map)[start:end]
@@ -89,10 +100,12 @@ class StreamReceiver:
         self.port: int | None = None
         self._server: asyncio.Server | None = None
         self._hash_thread = ThreadPoolExecutor(1, thread_name_prefix="stream-blake3")
-        """One thread, so the pieces are hashed in order (BLAKE3 spreads each one over the cores)."""
+        """One thread, so the pieces are hashed in order (BLAKE3 spreads each one over a few cores)."""
+        self._receiving = ThreadPoolExecutor(RECEIVING_THREADS, thread_name_prefix="stream-receive")
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
@@ -102,6 +115,7 @@ class StreamReceiver:
             self._drop(session, ApiError(503, "the server is shutting down"))
         if self._server is not None:
             self._server.close()
+        self._receiving.shutdown(wait=False, cancel_futures=True)
         self._hash_thread.shutdown(wait=False, cancel_futures=True)
 
     # --- the HTTP side ---------------------------------------------------------------------------------
@@ -179,46 +193,83 @@ class StreamReceiver:
             await asyncio.sleep(min(1.0, self.timeout - idle))
 
     # --- the stream side -------------------------------------------------------------------------------
-    def claim(self, ticket: bytes, connection: asyncio.Transport) -> StreamSession | None:
-        """The open session whose ticket this is, now bound to ``connection`` (None: no such session)."""
+    def claim(self, ticket: bytes) -> StreamSession | None:
+        """The open session whose ticket this is, if no connection has claimed it yet."""
         for session in self.sessions.values():
             if hmac.compare_digest(session.ticket, ticket):
-                if session.connection is not None:
-                    return None  # one connection per ticket
-                session.connection, session.heard = connection, time.monotonic()
-                return session
+                return None if session.sock is not None else session
         return None
 
-    def arrived(self, session: StreamSession, n: int) -> None:
-        """``n`` more bytes of the body are in the file: hash what completes a piece (or the body)."""
-        now = time.monotonic()
-        if session.first_byte is None:
-            session.first_byte = now
-        session.received += n
-        session.heard = now
-        complete = session.received == session.nbytes
-        if session.received - session.hashed >= HASH_BYTES or complete:
-            start, end = session.hashed, session.received
-            session.hashed = end
-            view = session.view(start, end)
-            session.hashing = asyncio.get_running_loop().run_in_executor(
-                self._hash_thread, _update, session.hasher, view
-            )
-        if complete:
-            session.tasks.append(asyncio.ensure_future(self._finish(session, session.hashing)))
+    def receive(self, session: StreamSession, sock: socket.socket) -> None:
+        """Bind ``sock`` (taken off the event loop) to ``session`` and read its body in a thread."""
+        session.sock, session.heard = sock, time.monotonic()
+        session.tasks.append(self._loop.run_in_executor(self._receiving, self._receive_body, session, sock))
 
-    async def _finish(self, session: StreamSession, last: asyncio.Future) -> None:
+    def _receive_body(self, session: StreamSession, sock: socket.socket) -> None:
+        """(A receiving thread.) Read the body into the staged file piece by piece, hashing each piece as it
+        completes; then report to the event loop: received and hashed, or why not."""
+        hashing: Future | None = None
         try:
-            await last  # the thread hashes in order: the last piece done means all are
+            sock.setblocking(True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", WAKE_SECONDS, 0))
+            while session.received < session.nbytes:
+                if session.done.done():
+                    return  # failed meanwhile (timed out, aborted)
+                start = session.received
+                end = min(session.nbytes, start + PIECE_BYTES - start % PIECE_BYTES)
+                try:
+                    n = sock.recv_into(session.view(start, end), end - start, socket.MSG_WAITALL)
+                except BlockingIOError:  # nothing for WAKE_SECONDS
+                    continue
+                if n == 0:
+                    self._report(self.ended_early, session, "the connection ended")
+                    return
+                now = time.monotonic()
+                if session.first_byte is None:
+                    session.first_byte = now
+                session.received, session.heard = start + n, now
+                if session.received == end:  # a piece is complete
+                    hashing = self._hash_thread.submit(
+                        _update, session.hasher, session.view(session.hashed, end)
+                    )
+                    session.hashed = end
+            hashing.result()  # pieces are hashed in order: the last one done means all are
+            extra = _bytes_waiting(sock)  # (those that came while the last piece was hashed)
+            self._report(self._body_received, session, time.monotonic() - session.first_byte, extra)
         except Exception as e:  # noqa: BLE001 - the session fails with it
-            session.fail(ApiError(500, f"hashing the stream upload failed: {e}"))
-            return
-        if not session.done.done():
-            session.done.set_result(time.monotonic() - session.first_byte)
+            if not session.done.done():
+                self._report(self.ended_early, session, f"the connection was lost ({e})")
+        finally:
+            sock.close()
+
+    def _report(self, callback, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: the server is gone
+            pass
+
+    def _body_received(self, session: StreamSession, seconds: float, extra: bool) -> None:
+        if extra:
+            session.fail(
+                ApiError(400, f"the stream upload sent more than the {session.nbytes} bytes announced")
+            )
+        elif not session.done.done():
+            session.done.set_result(seconds)
 
     def ended_early(self, session: StreamSession, why: str) -> None:
         if session.received < session.nbytes:
             session.fail(ApiError(400, f"{why} after {session.received} of {session.nbytes} bytes"))
+        elif not session.done.done():
+            session.fail(ApiError(500, f"receiving the stream upload failed: {why}"))
+
+
+def _bytes_waiting(sock: socket.socket) -> bool:
+    """Whether more bytes are waiting on ``sock`` now (a closed sending side is none)."""
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(1))
+    except (BlockingIOError, ConnectionError):
+        return False
 
 
 def _update(hasher, view: memoryview) -> None:
@@ -239,15 +290,14 @@ def _expected_digest(announced: str | None, given: str | None) -> str:
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One connection to the stream port: a ticket, then the body of that ticket's session."""
+    """One connection to the stream port until it names its session: its ticket, read on the event loop;
+    then the socket goes to a receiving thread (``StreamReceiver.receive``)."""
 
     def __init__(self, receiver: StreamReceiver):
         self.receiver = receiver
         self.transport: asyncio.Transport | None = None
         self.ticket = bytearray(TICKET_BYTES)
         self.got = 0  # bytes of the ticket read
-        self.session: StreamSession | None = None
-        self.scratch = bytearray(64 * 2**10)  # where bytes past the body go, to be refused
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -255,43 +305,31 @@ class _Connection(asyncio.BufferedProtocol):
         self.deadline = asyncio.get_running_loop().call_later(self.receiver.timeout, self._no_ticket)
 
     def _no_ticket(self) -> None:
-        if self.session is None:
-            log.warning("stream port: no ticket within %.0f s; connection closed", self.receiver.timeout)
-            self.transport.close()
+        log.warning("stream port: no ticket within %.0f s; connection closed", self.receiver.timeout)
+        self.transport.close()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        session = self.session
-        if session is None:
-            return memoryview(self.ticket)[self.got :]
-        if session.received >= session.nbytes or session.done.done():
-            return memoryview(self.scratch)
-        end = min(session.nbytes, session.received + RECV_BYTES)
-        return session.view(session.received, end)
+        return memoryview(self.ticket)[self.got :]  # (never more than the ticket: the body is not ours)
 
     def buffer_updated(self, nbytes: int) -> None:
-        session = self.session
+        self.got += nbytes
+        if self.got < TICKET_BYTES:
+            return
+        self.deadline.cancel()
+        session = self.receiver.claim(bytes(self.ticket))
         if session is None:
-            self.got += nbytes
-            if self.got == TICKET_BYTES:
-                self.session = self.receiver.claim(bytes(self.ticket), self.transport)
-                if self.session is None:
-                    log.warning("stream port: a connection with an unknown or used ticket; closed")
-                    self.transport.close()
+            log.warning("stream port: a connection with an unknown or used ticket; closed")
+            self.transport.close()
             return
-        if session.done.done():
-            return  # failed: the connection is closing
-        if session.received >= session.nbytes:
-            too_long = f"the stream upload sent more than the {session.nbytes} bytes announced"
-            session.fail(ApiError(400, too_long))  # (and closes the connection)
-            return
-        self.receiver.arrived(session, nbytes)
+        # The socket leaves the event loop: a duplicate of it for the thread, this transport closed (which
+        # closes only its own descriptor; nothing past the ticket has been read).
+        self.transport.pause_reading()
+        sock = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
+        self.transport.abort()
+        self.receiver.receive(session, sock)
 
     def eof_received(self) -> bool:
-        if self.session is not None:
-            self.receiver.ended_early(self.session, "the connection ended")
-        return False
+        return False  # (before the ticket: the connection just closes)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline.cancel()
-        if self.session is not None:
-            self.receiver.ended_early(self.session, f"the connection was lost ({exc or 'closed'})")
