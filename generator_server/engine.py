@@ -433,7 +433,11 @@ class GenerationEngine:
         llm = self._llm
         await llm.pause_generation()  # nothing runs (we hold the write lock); this only quiets the engine
         try:
-            files = [str(f) for f in safetensors_files(folder)]
+            # On a GPU the worker reads the files from its own mappings, page-locked once a file comes back
+            # (mapped_weights.py): 0.12-0.18 s instead of 0.58 s for 2.27 GB on the H200 host. On the CPU
+            # vLLM's own reading was the faster one (0.31-0.36 s against 0.34-0.55 s for 0.5 GB).
+            on_gpu = self.gpu_uuid is not None
+            files = [str(f) for f in safetensors_files(folder)] if on_gpu else []
             if files:  # (what the server stages always is; a model folder of .bin files is not)
                 done = (await llm.collective_rpc("receiver_load_files", kwargs={"paths": files}))[0]
                 log.info(

@@ -210,6 +210,7 @@ class FakeReloadEngine:
         self.fail_for = fail_for
         self.loaded: list[str] = []
         self.paused = False
+        self.methods: set[str] = set()
 
     async def pause_generation(self) -> None:
         self.paused = True
@@ -221,8 +222,13 @@ class FakeReloadEngine:
         pass
 
     async def collective_rpc(self, method: str, kwargs: dict) -> list[dict]:
-        assert method == "receiver_load_files" and self.paused
-        path = str(Path(kwargs["paths"][0]).parent)
+        assert self.paused
+        self.methods.add(method)
+        if method == "receiver_load_files":  # (an engine on a GPU)
+            path = str(Path(kwargs["paths"][0]).parent)
+        else:
+            assert method == "reload_weights"
+            path = kwargs["weights_path"]
         if any(f in path for f in self.fail_for):
             raise RuntimeError(f"cannot load {path}")
         self.loaded.append(path)
@@ -232,13 +238,15 @@ class FakeReloadEngine:
         pass
 
 
-def test_failed_engine_reload_restores_the_weights_served_before(tmp_path):
+@pytest.mark.parametrize("gpu_uuid", [None, "GPU-fake"])  # vLLM reads the files / the worker maps them
+def test_failed_engine_reload_restores_the_weights_served_before(tmp_path, gpu_uuid):
     model_dir, work_dir = tmp_path / "model", tmp_path / "work"
     model_dir.mkdir()
     _write(model_dir / "model.safetensors", {"w": torch.zeros(2, 2)})
     engine = GenerationEngine(
         parse_settings(["--model", str(model_dir), "--work-dir", str(work_dir)]), ServerMetrics()
     )
+    engine.gpu_uuid = gpu_uuid
     fake = engine._llm = FakeReloadEngine(fail_for=["served-v1"])
 
     def staged(value: float) -> Path:
@@ -264,6 +272,7 @@ def test_failed_engine_reload_restores_the_weights_served_before(tmp_path):
         with pytest.raises(ApiError, match="restoring the previous weights"):
             await engine.update_weights(staged(4.0), 10, version=4, source="upload")
         assert not engine.ready
+        assert fake.methods == {"receiver_load_files" if gpu_uuid else "reload_weights"}
 
     asyncio.run(scenario())
 
