@@ -59,7 +59,8 @@ class WeightReceiver:
         started = time.perf_counter()
         files = []
         try:
-            files = [mapped.open(Path(p)) for p in paths]
+            for path in paths:
+                files.append(mapped.open(Path(path)))
             self.reload_weights(weights_iterator=(t for f in files for t in f.tensors()))
             if mapped.lock:  # every copy out of the files is done before the server may write them again
                 torch.cuda.synchronize()
