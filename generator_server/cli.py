@@ -148,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
     )
-    logging.getLogger("uvicorn.error").log(*describe_listen(settings))  # uvicorn.Config set up its handler
+    server_log = logging.getLogger("uvicorn.error")  # uvicorn.Config set up its handler
+    server_log.log(*describe_listen(settings))
+    # this package's own log lines (swaps, refusals, timeouts) go where uvicorn's go, at the same level
+    package_log = logging.getLogger("generator_server")
+    package_log.handlers, package_log.propagate = list(logging.getLogger("uvicorn").handlers), False
+    package_log.setLevel(settings.log_level.upper())
     server = uvicorn.Server(config)
     server.run()
     return 1 if failed else 0

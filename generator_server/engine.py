@@ -440,7 +440,7 @@ class GenerationEngine:
             files = [str(f) for f in safetensors_files(folder)] if on_gpu else []
             if files:  # (what the server stages always is; a model folder of .bin files is not)
                 done = (await llm.collective_rpc("receiver_load_files", kwargs={"paths": files}))[0]
-                log.info(
+                log.debug(
                     "weights reloaded from %s in %.3f s (%d bytes, %d of them page-locked)",
                     folder.name, done["seconds"], done["bytes"], done["locked_bytes"],
                 )  # fmt: skip
