@@ -326,8 +326,9 @@ def test_load_copies_where_linking_fails(tmp_path, monkeypatch):
 
 # --- the worker's view of a staged file ------------------------------------------------------------------
 def test_mapped_file_tensors_equal_the_saved_ones(tmp_path):
-    """Every dtype the server accepts, a tensor starting at an offset its dtype does not divide (a bf16 tensor
-    of odd length before an f32 one), and an empty tensor: read back exactly, as views of the mapping."""
+    """Every dtype the server accepts, tensors at offsets their dtype does not divide (a bf16 tensor of odd
+    length before an f32 one; a header of unpadded length), and an empty tensor: read back exactly, as views
+    of the mapping. (``save_file`` would sort and align them: the file is written here in this order.)"""
     saved = {
         "a.bf16": torch.randn(3, 5).to(torch.bfloat16),  # 30 bytes: what follows is not 4-byte aligned
         "b.f32": torch.randn(7),
@@ -335,12 +336,22 @@ def test_mapped_file_tensors_equal_the_saved_ones(tmp_path):
         "d.i64": torch.arange(5),
         "e.f8": torch.randn(9).to(torch.float8_e4m3fn),
         "f.bool": torch.tensor([True, False, True]),
+        "g.f16": torch.randn(2).half(),
     }
-    _write(tmp_path / "model.safetensors", saved)
+    codes = {torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.float8_e4m3fn: "F8_E4M3"}
+    codes |= {torch.bool: "BOOL", torch.float16: "F16"}
+    header, data = {}, b""
+    for name, tensor in saved.items():
+        raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape)}
+        header[name]["data_offsets"] = [len(data), len(data) + len(raw)]
+        data += raw
+    _raw_file(tmp_path / "model.safetensors", header, data)
+    assert header["b.f32"]["data_offsets"][0] % 4 != 0
     weights = MappedWeights(lock=False)
     file = weights.open(tmp_path / "model.safetensors")
     loaded = dict(file.tensors())
-    assert loaded.keys() == saved.keys()
+    assert list(loaded) == list(saved)  # in the order they are stored
     for name, tensor in saved.items():
         assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
         assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8)), name
