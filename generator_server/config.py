@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
@@ -99,7 +99,7 @@ class ServerSettings(BaseSettings):
         description="Also take weight uploads as raw TCP streams on this port of --host (0: any free port; "
         "GET /weights says which): the bytes go straight into the staged file instead of through the HTTP "
         "server's copies. Checked like a PUT (BLAKE3, names, shapes) but not encrypted: no TLS on this "
-        "port. Unset: off.",
+        "port. Unset or empty: off.",
     )
     ipc_load: Literal["auto", "layerwise", "direct"] = Field(
         "auto",
@@ -110,6 +110,11 @@ class ServerSettings(BaseSettings):
         "for the unquantized architectures checked on a GPU, LlamaForCausalLM; else layerwise).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+
+    @field_validator("stream_port", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value):
+        return None if value == "" else value  # (GENERATOR_STREAM_PORT= in an env file turns it off)
 
     @model_validator(mode="after")
     def _check_tls(self) -> ServerSettings:

@@ -60,11 +60,11 @@ case $role in
         # GENERATOR_API_KEY reaches trainer-client through the environment, never its command line (ps)
         eval_args=(eval --task "${EVAL_TASK:-}" --server-url "${urls[0]// /}")
         case ${WEIGHTS_PUSH:-auto} in
-            auto | http | ipc) overrides+=(--set "push=$WEIGHTS_PUSH") ;;
+            auto | http | stream | ipc) overrides+=(--set "push=$WEIGHTS_PUSH") ;;
             shared)
                 overrides+=(--set push=shared --set "shared_dir=$(yaml_str "${SHARED_WEIGHTS_DIR:?}")")
                 ;;
-            *) die "WEIGHTS_PUSH must be auto, http, ipc or shared, not '$WEIGHTS_PUSH'" ;;
+            *) die "WEIGHTS_PUSH must be auto, http, stream, ipc or shared, not '$WEIGHTS_PUSH'" ;;
         esac
         train=(trainer-client train --config "${TRAINER_CONFIG:?}" "${overrides[@]}" "$@")
         if [[ -z ${EVAL_TASK:-} ]]; then

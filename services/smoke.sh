@@ -221,6 +221,20 @@ health = json.load(urllib.request.urlopen(sys.argv[1], timeout=10))
 print(f"smoke: the server serves weights version {health['weights_version']} of {health['model']}")
 sys.exit(0 if health["weights_version"] >= int(sys.argv[2]) else 1)
 EOF
+    # ... and they came by its stream port, which `push: auto` takes when the trainer reaches it
+    python3 - "http://127.0.0.1:$port/metrics" "$steps" "$tmp/smoke.env" <<'EOF' || die "the pushes did not come by the stream port"
+import re, sys, urllib.request
+key = re.search(r"^GENERATOR_API_KEY=(.*)$", open(sys.argv[3]).read(), re.M).group(1)
+request = urllib.request.Request(sys.argv[1], headers={"Authorization": f"Bearer {key}"})
+metrics = urllib.request.urlopen(request, timeout=10).read().decode()
+loads = {}
+for labels, value in re.findall(r"^generator_weight_loads_total\{(.*)\} (\S+)$", metrics, re.M):
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    if labels.get("outcome") == "ok":
+        loads[labels.get("source")] = float(value)
+print(f"smoke: weights loaded, by source: {loads}")
+sys.exit(0 if loads.get("stream", 0) >= int(sys.argv[2]) else 1)
+EOF
     # what the README says to do to get the run out of the runs volume
     run_logged cp-runs "${compose[@]}" cp trainer-cpu:/data/runs "$tmp/runs"
     [[ $(grep -c '"step"' "$run/metrics.jsonl") == "$steps" ]] ||

@@ -707,7 +707,8 @@ def test_replicas_override_adds_a_second_generator_that_the_trainer_uses(tmp_pat
         for s in ("generator", "generator-2")
     }
     assert devices["generator"]["device_ids"] == ["0"] and devices["generator-2"]["device_ids"] == ["1"]
-    assert one["ports"] == ["127.0.0.1:8000:8000"] and two["ports"] == ["127.0.0.1:8001:8000"]
+    assert one["ports"] == ["127.0.0.1:8000:8000", "127.0.0.1:8100:8100"]
+    assert two["ports"] == ["127.0.0.1:8001:8000", "127.0.0.1:8101:8100"]
     trainer = services["trainer"]
     assert trainer["depends_on"] == {
         "generator": {"condition": "service_healthy"},

@@ -172,6 +172,10 @@ def test_flags_and_environment(monkeypatch, tmp_path):
     assert settings.api_key == "from-env"  # environment fills what the flags leave out
     assert settings.port == 9002  # a flag wins over the environment
     assert settings.enforce_eager is True and settings.dtype == "auto"
+    monkeypatch.setenv("GENERATOR_STREAM_PORT", "8100")
+    assert parse_settings(["--model", str(tmp_path)]).stream_port == 8100
+    monkeypatch.setenv("GENERATOR_STREAM_PORT", "")  # compose's way to turn it off
+    assert parse_settings(["--model", str(tmp_path)]).stream_port is None
 
 
 def test_bad_flag_value_exits_with_the_field_name(capsys, tmp_path):
