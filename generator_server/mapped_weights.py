@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
+from generator_server.weights import TORCH_NAMES
+
 log = logging.getLogger(__name__)
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-"""safetensors dtype codes (the server has checked every header before a load)."""
+DTYPES = {code: getattr(torch, name) for code, name in TORCH_NAMES.items()}
+"""safetensors dtype codes, every one the server accepts (it has checked every header before a load)."""
 CUDA_HOST_REGISTER_READ_ONLY = 8
 """``cudaHostRegisterReadOnly``: the mapping is read-only, and the GPU only reads it."""
 SEEN_FILES = 8
@@ -123,11 +121,6 @@ class MappedWeights:
         for kept in [k for k in self._locked if os.fstat(k.fd).st_nlink == 0]:
             self._locked.remove(kept)
             kept.close()
-
-    def close(self) -> None:
-        for kept in self._locked:
-            kept.close()
-        self._locked.clear()
 
     def _try_lock(self, file: MappedFile) -> None:
         try:

@@ -24,6 +24,7 @@ from generator_server.mapped_weights import MappedWeights
 from generator_server.metrics import ServerMetrics
 from generator_server.rwlock import ReadersWriterLock
 from generator_server.weights import (
+    TORCH_NAMES,
     TensorInfo,
     WeightStore,
     check_compatible,
@@ -341,9 +342,9 @@ def test_mapped_file_tensors_equal_the_saved_ones(tmp_path):
         "e.f8": torch.randn(9).to(torch.float8_e4m3fn),
         "f.bool": torch.tensor([True, False, True]),
         "g.f16": torch.randn(2).half(),
+        "h.u16": torch.tensor([1, 2, 65535], dtype=torch.uint16),
     }
-    codes = {torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.float8_e4m3fn: "F8_E4M3"}
-    codes |= {torch.bool: "BOOL", torch.float16: "F16"}
+    codes = {getattr(torch, name): code for code, name in TORCH_NAMES.items()}
     header, data = {}, b""
     for name, tensor in saved.items():
         raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
