@@ -137,6 +137,7 @@ class GenerationEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
+        on_cpu = current_platform.is_cpu()
         args = AsyncEngineArgs(
             model=str(self.model_dir),
             dtype=s.dtype,
@@ -147,6 +148,11 @@ class GenerationEngine:
             seed=s.seed,
             enforce_eager=s.enforce_eager,
             max_num_seqs=s.max_num_seqs,
+            # On the CPU a prompt is prefilled in one engine step, never split across steps: vLLM rewinds
+            # the random generator of a seeded request whose prefill was split, which a CPU generator
+            # cannot do ("CPU Generator does not use offset"), and the engine died. Without chunked
+            # prefill vLLM raises its step's token budget to at least the context length.
+            enable_chunked_prefill=False if on_cpu else None,
             # Log-probabilities of the raw logits (before temperature, top-p and top-k): the numbers the
             # trainer computes for the same tokens.
             logprobs_mode="raw_logprobs",

@@ -189,3 +189,20 @@ def test_load_from_checkpoint_root_file_and_sharded_folder(
     body = generate(client, max_tokens=12, temperature=0.0, ignore_eos=True)
     assert body["weights_version"] == version
     assert [r["completions"][0]["token_ids"] for r in body["results"]] == expected
+
+
+def test_seeded_batch_larger_than_a_prefill_step(client):
+    """A seeded batch whose prompts need more than one scheduler step to prefill (vLLM's CPU engine takes
+    2048 tokens a step): 8 prompts of about 200 tokens, 8 samples each, about 13k prompt tokens. With chunked
+    prefill, vLLM rewinds the seeded generator of a half-prefilled prompt, which a CPU generator cannot do
+    ("CPU Generator does not use offset"): the engine died and every later request got 503. The server now
+    prefills a prompt whole on the CPU; the answer must be right, repeatable and the engine still up."""
+    prompts = [f"Story {i}: " + "the cat sat on the mat and looked at the dog. " * 9 for i in range(8)]
+    request = dict(prompts=prompts, n=8, max_tokens=8, temperature=1.0, seed=1)
+    first = generate(client, **request)
+    lengths = [len(r["prompt_token_ids"]) for r in first["results"]]
+    assert sum(lengths) * 8 > 2 * 2048, lengths  # the batch is larger than two prefill steps
+    assert all(len(r["completions"]) == 8 for r in first["results"])
+    second = generate(client, **request)
+    assert [r["completions"] for r in first["results"]] == [r["completions"] for r in second["results"]]
+    assert client.get("/health").json()["status"] == "ok"

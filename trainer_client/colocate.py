@@ -256,6 +256,8 @@ class ColocatedEngine:
             if self.device == "cuda":
                 kwargs["gpu_memory_utilization"] = self.settings.gpu_memory_utilization
                 kwargs["enable_sleep_mode"] = self.settings.sleep and self.sleep_supported
+            else:  # a seeded prefill split across engine steps kills vLLM's CPU engine (as in the server)
+                kwargs["enable_chunked_prefill"] = False
             self.vllm_version = vllm.__version__
             llm = LLM(**kwargs)
         pids = llm.collective_rpc(_worker_pid)
