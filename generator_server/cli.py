@@ -17,6 +17,7 @@ import typing
 from pydantic import ValidationError
 
 from generator_server.config import ServerSettings
+from generator_server.gguf_model import GGUFError, is_gguf, resolve_model
 
 
 def _flag_type(annotation) -> tuple[type | None, list | None]:
@@ -118,8 +119,39 @@ def describe_listen(settings: ServerSettings) -> tuple[int, str]:
     )
 
 
+def with_gguf_converted(settings: ServerSettings) -> ServerSettings:
+    """``--model FILE.gguf``: the settings with ``model`` the file's converted folder (converted on first
+    use, then cached: generator_server/gguf_model.py), so the engine, the checks of pushed weights and the
+    /v1 endpoints all read an ordinary model folder. The /v1 model name stays the file as given (unless
+    --served-model-name says otherwise). Other settings are returned as they are.
+
+    Runs before the HTTP server is set up, so its log lines get a handler of their own meanwhile."""
+    if not is_gguf(settings.model):
+        return settings
+    package_log = logging.getLogger("generator_server")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))  # (uvicorn's look)
+    package_log.addHandler(handler)
+    level = package_log.level
+    package_log.setLevel(settings.log_level.upper())
+    try:
+        folder = resolve_model(settings.model)
+    finally:
+        package_log.removeHandler(handler)
+        package_log.setLevel(level)
+    return settings.model_copy(
+        update={"model": folder, "served_model_name": settings.served_model_name or settings.model}
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
+    given_model = settings.model
+    try:
+        settings = with_gguf_converted(settings)
+    except GGUFError as e:
+        print(f"generator-server: error: --model: {e}", file=sys.stderr)
+        return 2
     # vLLM starts its engine processes while the HTTP server's threads run; spawning (rather than forking
     # a multi-threaded process) is the safe choice on CPU and GPU alike.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -150,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     server_log = logging.getLogger("uvicorn.error")  # uvicorn.Config set up its handler
     server_log.log(*describe_listen(settings))
+    if given_model != settings.model:
+        server_log.info("serving the GGUF file %s, converted into %s", given_model, settings.model)
     # this package's own log lines (swaps, refusals, timeouts) go where uvicorn's go, at the same level
     package_log = logging.getLogger("generator_server")
     package_log.handlers, package_log.propagate = list(logging.getLogger("uvicorn").handlers), False

@@ -19,7 +19,11 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GENERATOR_", extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="Hugging Face model folder (config, tokenizer, safetensors) to serve.")
+    model: str = Field(
+        description="Hugging Face model folder (config, tokenizer, safetensors) to serve, or a GGUF file "
+        "(.gguf; needs the 'gguf' extra): converted once into a bf16 folder, cached under $ONLINE_DPO_CACHE "
+        "(default ~/.cache/online-dpo), and that folder is served."
+    )
     served_model_name: str | None = Field(
         None,
         description="Name of the model on the OpenAI-compatible /v1 endpoints (what clients send as "
@@ -46,6 +50,14 @@ class ServerSettings(BaseSettings):
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use (ignored on CPU)."
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory for the engine's KV cache, in GiB. On a CPU the default is "
+        "$VLLM_CPU_KVCACHE_SPACE if set, else an eighth of the machine's memory between 1 and 4 GiB: "
+        "left to itself vLLM's CPU build takes about 85%% of the memory, and a trainer beside it runs the "
+        "machine out. On a GPU the default is what --gpu-memory-utilization leaves after the weights.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="Number of GPUs the model is split over.")
     data_parallel_size: int = Field(

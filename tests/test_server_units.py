@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -363,3 +364,18 @@ def test_mapped_file_tensors_equal_the_saved_ones(tmp_path):
     del loaded
     weights.done([file])
     assert file.fd == -1 and weights._locked == []  # nothing locked on a CPU: the mapping went with the load
+
+
+def test_cpu_kv_cache_is_bounded_by_default(monkeypatch):
+    """With no flag and no VLLM_CPU_KVCACHE_SPACE the CPU engine's KV cache is an eighth of the memory,
+    1 to 4 GiB, instead of vLLM's 85%: a trainer on the same machine keeps the rest. A flag or vLLM's own
+    variable, when given, decides."""
+    from generator_server.engine import cpu_kv_cache_gib
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    auto = cpu_kv_cache_gib(None)
+    assert 1 <= auto <= 4 and auto <= max(1, total_gib / 8)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert cpu_kv_cache_gib(None) == 3
+    assert cpu_kv_cache_gib(0.5) == 0.5  # the flag wins over the variable

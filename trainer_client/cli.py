@@ -1,6 +1,7 @@
 """``trainer-client`` (also ``python -m trainer_client``): the trainer's command line.
 
     trainer-client train --config FILE.yaml [--set key=value ...] [--resume CHECKPOINT_DIR]
+    trainer-client convert-gguf FILE.gguf [--out DIR]   # a GGUF file as a model folder, ahead of time
     torchrun --nproc-per-node N -m trainer_client train --config FILE.yaml   # N ranks, FSDP2 (learner.py)
 
 Each subcommand lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``, listed in
@@ -21,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "trainer_client.cli",
     "eval": "trainer_client.evaluate",
     "demo": "trainer_client.demo",
+    "convert-gguf": "trainer_client.convert_gguf",
 }
 """Subcommand name -> module providing ``add_arguments(parser)`` and ``run(args) -> int``."""
 

@@ -52,10 +52,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from generator_server.gguf_model import resolve_model
 from trainer_client.client import Completion, GenerateResponse, PromptResult
 
 
@@ -68,7 +69,8 @@ class EngineSettings:
     """How to build the in-process engine."""
 
     model: str
-    """Hugging Face model folder the engine starts from (the policy's initial weights)."""
+    """Hugging Face model folder the engine starts from (the policy's initial weights), or a GGUF file (its
+    converted folder is used: generator_server/gguf_model.py)."""
     device: str = "cpu"
     """The trainer's device: ``cpu`` or ``cuda``/``cuda:0`` (vLLM's single worker uses device 0)."""
     dtype: str = "auto"
@@ -213,7 +215,8 @@ class ColocatedEngine:
     from a ``state_dict`` in memory. Thread-safe: calls are serialised by a lock."""
 
     def __init__(self, settings: EngineSettings):
-        self.settings = settings
+        # a GGUF file becomes its converted folder (cached: the learner's conversion is reused)
+        settings = self.settings = replace(settings, model=resolve_model(settings.model))
         self.device = _check_device(settings.device)
         self.weights_version = 0
         self.spec = read_weights_spec(settings.model)

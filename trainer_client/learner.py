@@ -41,6 +41,7 @@ from torch.distributed import ReduceOp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from generator_server.gguf_model import resolve_model
 from trainer_client import checkpoint, distributed
 from trainer_client.config import TrainConfig
 from trainer_client.distributed import DistributedError, Ranks
@@ -193,15 +194,18 @@ class Learner:
         self.device = ranks.device if ranks else c.device
         self.precision = resolve_precision(c.precision, self.device)
         state = checkpoint.read_trainer_state(resume, self.world_size) if resume else None  # (fail fast)
-        self.tokenizer = AutoTokenizer.from_pretrained(c.model)
+        # a GGUF file becomes its converted folder (cached; the server serving the file reads the same one)
+        model_dir = resolve_model(c.model)
+        ref_dir = resolve_model(c.ref_model) if c.ref_model else model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
         # --- models: policy in fp32 (master weights), reference frozen in the compute dtype ----------------
         ref_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         where = "cpu" if ranks else self.device  # sharded: fully_shard moves each rank's shard to its device
-        self.policy = load_model(resume or c.model, torch.float32, where)
-        self.reference = load_model(c.ref_model or c.model, ref_dtype, where)
+        self.policy = load_model(resume or model_dir, torch.float32, where)
+        self.reference = load_model(ref_dir, ref_dtype, where)
         self.policy.eval()  # no dropout: the log-probabilities must be those the server samples with
         self.reference.eval().requires_grad_(False)
         if c.gradient_checkpointing:
