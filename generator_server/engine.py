@@ -65,6 +65,24 @@ def host_id() -> str:
         return socket.gethostname()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX). Without it vLLM's CPU build
+    falls back to slow generic kernels for a bf16 model (measured: 28 tokens/s for SmolLM2-135M on an AVX2
+    machine), and float32 is the fast choice."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def cpu_dtype(asked: str) -> str:
+    """The dtype of an engine on the CPU: ``asked`` (--dtype) unless it is ``auto``; then float32 where
+    the CPU has no native bfloat16, whatever the model folder's dtype (a bf16 folder converted from a GGUF
+    file, say), else the folder's."""
+    return asked if asked != "auto" or cpu_has_native_bf16() else "float32"
+
+
 def cpu_kv_cache_gib(asked: float | None) -> float:
     """The KV cache of an engine on the CPU, in GiB: ``asked`` (--kv-cache-gib), else
     ``$VLLM_CPU_KVCACHE_SPACE`` (vLLM's own variable), else an eighth of the machine's memory, between 1
@@ -154,12 +172,15 @@ class GenerationEngine:
         s = self.settings
         on_cpu = current_platform.is_cpu()
         kv_cache_gib = cpu_kv_cache_gib(s.kv_cache_gib) if on_cpu else s.kv_cache_gib
+        dtype = cpu_dtype(s.dtype) if on_cpu else s.dtype
         if on_cpu:
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (vLLM would let it override the size below)
             log.info("KV cache: %.1f GiB of the machine's memory (--kv-cache-gib)", kv_cache_gib)
+            if dtype != s.dtype:
+                log.info("computing in %s: this CPU has no native bfloat16 (--dtype)", dtype)
         args = AsyncEngineArgs(
             model=str(self.model_dir),
-            dtype=s.dtype,
+            dtype=dtype,
             max_model_len=s.max_model_len,
             gpu_memory_utilization=s.gpu_memory_utilization,
             tensor_parallel_size=s.tensor_parallel_size,

@@ -379,3 +379,15 @@ def test_cpu_kv_cache_is_bounded_by_default(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     assert cpu_kv_cache_gib(None) == 3
     assert cpu_kv_cache_gib(0.5) == 0.5  # the flag wins over the variable
+
+
+def test_cpu_dtype_is_float32_without_native_bfloat16(monkeypatch):
+    """A bf16 model folder (a converted GGUF file) on a CPU without AVX512-BF16 or AMX is computed in
+    float32, where vLLM's CPU kernels are fast; an explicit --dtype is always kept."""
+    from generator_server import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert engine.cpu_dtype("auto") == "float32"
+    assert engine.cpu_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert engine.cpu_dtype("auto") == "auto"

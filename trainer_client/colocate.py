@@ -247,6 +247,10 @@ class ColocatedEngine:
                     )
             self.sleep_supported = self.device == "cuda" and current_platform.is_sleep_mode_available()
             dtype = self.settings.dtype
+            if self.device != "cuda":  # (float32 where the CPU has no native bfloat16, as the server does)
+                from generator_server.engine import cpu_dtype
+
+                dtype = cpu_dtype(dtype)
             kwargs: dict[str, Any] = dict(
                 model=self.settings.model,
                 dtype=folder_dtype(self.settings.model) if dtype == "auto" else dtype,
