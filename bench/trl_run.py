@@ -5,7 +5,10 @@
 
 Runs in its own process, so ``bench/vs_trl.py`` can start it with another interpreter (``--trl-python``: a
 virtual environment whose torch/transformers TRL accepts). It imports only the task module of this project
-(pure Python), so that environment needs TRL and its dependencies, not this project's.
+(pure Python), so that environment needs TRL and its dependencies, not this project's. With ``--task``
+(``bench/real_task.py``: a reasoning-gym task) it loads the task as the trainer does, prompts rendered with
+the model's chat template and the task's verifier as the reward: that needs this project's task modules and
+the task's package too.
 
 Kept the same as this project's trainer (``trainer_client/train.py``, ``trainer_client/learner.py``):
 
@@ -51,7 +54,7 @@ def exact_match(prompts, completions, bos: str = "", **_) -> list[float]:
     return [exact_match_reward(p.removeprefix(bos), c) for p, c in zip(prompts, completions, strict=True)]
 
 
-def step_prompts(task: ArithmeticTask, steps: int, batch_size: int, seed: int) -> list[str]:
+def step_prompts(task, steps: int, batch_size: int, seed: int) -> list[str]:
     """The prompts of steps 1..steps in order: what our trainer draws (``trainer_client/workers.py``)."""
     return [p for step in range(1, steps + 1) for p in task.train_prompts(step, batch_size, seed)]
 
@@ -70,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--task", default="arithmetic",
+        help="a task as the trainer's `task` takes it (e.g. reasoning-gym:chain_sum; needs this project)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--task-options", type=json.loads, default={}, help="the trainer's task_options (JSON)"
+    )
+    parser.add_argument("--missing-eos-penalty", type=float, default=None)
     parser.add_argument("--vllm", action="store_true", help="generate with vLLM colocated (use_vllm)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
@@ -91,15 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     t_setup = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    bos = "" if args.vllm else tokenizer.bos_token
-    task = ArithmeticTask()
+    if args.task == "arithmetic":
+        bos = "" if args.vllm else tokenizer.bos_token
+        task = ArithmeticTask()
+    else:  # a task of this project's (chat prompts rendered with the model's template, the task's verifier)
+        from trainer_client.tasks import GymSettings, load_task
+
+        bos = ""
+        task = load_task(args.task, tokenizer=tokenizer, gym=GymSettings(options=args.task_options))
     prompts = [bos + p for p in step_prompts(task, args.steps, args.batch_size, args.seed)]
     dataset = Dataset.from_dict({"prompt": prompts})
 
     def reward(prompts, completions, **kwargs):
-        return exact_match(prompts, completions, bos=bos)
+        if args.task == "arithmetic":
+            return exact_match(prompts, completions, bos=bos)
+        return [float(task.reward(p, c)) for p, c in zip(prompts, completions, strict=True)]
 
-    reward.__name__ = "exact_match"
+    reward.__name__ = "exact_match" if args.task == "arithmetic" else "task_reward"
 
     config = OnlineDPOConfig(
         output_dir=str(args.out),
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         top_k=0,
         top_p=1.0,
-        missing_eos_penalty=None,
+        missing_eos_penalty=args.missing_eos_penalty,
         # prompt + completion; TRL sizes its vLLM engine to max_length + max_new_tokens
         max_length=model.config.max_position_embeddings - args.max_new_tokens,
         train_sampling_strategy="sequential",

@@ -326,3 +326,31 @@ def test_non_finite_weights_are_never_pushed(server, tiny_model_dir, length_task
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: not finite:") and "model.norm.weight" in last, last
     assert server.weights_version() == version
+
+
+def test_held_out_evaluation_during_the_run(base_config, server, tmp_path):
+    """``eval_every``: the held-out reward before step 1, every N steps and after the last, each of the
+    version just trained and as ``trainer-client eval`` would score it; the steps' times exclude it."""
+    from trainer_client.tasks import load_task
+
+    config = TrainConfig(**{**base_config, "steps": 3}, eval_every=2, output_dir=str(tmp_path))
+    summary = run_training(config)
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    steps = read_metrics(tmp_path)
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    offset = summary["version_offset"]
+    assert [e["eval_weights_versions"] for e in evals] == [[0 + offset], [2 + offset], [3 + offset]]
+    # the training time so far is the steps' own time, evaluations excluded
+    assert [e["train_seconds"] for e in evals] == pytest.approx(
+        [0.0, sum(r["wall_seconds"] for r in steps[:2]), sum(r["wall_seconds"] for r in steps)], abs=2e-3
+    )
+    # the last evaluation is what the served final version scores on the held-out prompts, greedily
+    task = load_task(str(base_config["task"]))
+    with GeneratorClient(server.url, api_key=server.api_key) as client:
+        assert client.health().weights_version == 3 + offset
+        out = client.generate(
+            prompts=task.eval_prompts(), n=1, temperature=0.0, max_tokens=base_config["max_new_tokens"]
+        )
+    lengths = [len(r.completions[0].text) / 100 for r in out.results]
+    assert evals[-1]["eval_reward"] == pytest.approx(sum(lengths) / len(lengths))
+    assert evals[-1]["eval_prompts"] == len(task.eval_prompts()) > 0

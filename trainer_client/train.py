@@ -31,7 +31,7 @@ import json
 import logging
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from trainer_client.learner import Learner, NotFiniteError, StepStats
 from trainer_client.metrics_log import METRICS_FILE, MetricsLog
 from trainer_client.replicas import replica_metrics
 from trainer_client.rewards import build_reward, runs_in_any_thread
-from trainer_client.tasks import DataFields, load_task, task_hint
+from trainer_client.tasks import DataFields, GymSettings, load_task, task_hint
 from trainer_client.workers import Batch, Producer, Pusher
 
 __all__ = ["METRICS_FILE", "IncompatibleServerError", "NotFiniteError", "run_training"]
@@ -159,6 +159,31 @@ def step_metrics(step: int, batch: Batch, scored: Scored, stats: StepStats, K: i
     }
 
 
+def held_out_eval(backend: GenerationBackend, prompts: list[str], reward_fn, sampling: dict) -> dict:
+    """Greedy completions of ``prompts`` (the task's held-out ones) from what the backend serves, scored by
+    ``reward_fn`` (the run's reward; with ``reward: task`` what ``trainer-client eval`` measures):
+    ``eval_reward`` (the accuracy, for a 0/1 verifier), ``eval_finished`` (ended before the length limit),
+    and the versions they came from."""
+    t0 = time.monotonic()
+    completions, versions = [], set()
+    for i in range(0, len(prompts), 1024):  # (the server's --max-prompts is 4096 by default)
+        out = backend.generate(
+            prompts[i : i + 1024], n=1, max_tokens=sampling["max_tokens"], temperature=0.0, seed=None,
+            stop=sampling["stop"],
+        )  # fmt: skip
+        completions += [row[0] for row in out.completions]
+        versions.add(out.weights_version)
+    rewards = reward_fn(prompts, [c.text for c in completions])
+    return {
+        "eval_reward": mean(rewards),
+        "eval_finished": mean(c.finish_reason == "stop" for c in completions),
+        "eval_prompts": len(prompts),
+        "eval_completion_tokens": mean(len(c.token_ids) for c in completions),
+        "eval_weights_versions": sorted(versions),
+        "eval_seconds": round(time.monotonic() - t0, 4),
+    }
+
+
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
@@ -201,7 +226,8 @@ def run_training(
                 f"checkpoint {resume} is at step {start_step}; nothing left to do for steps={c.steps}"
             )
         fields = DataFields(c.prompt_field, c.messages_field, c.answer_field, c.eval_split, c.eval_fraction)
-        task = load_task(c.task, fields, tokenizer=learner.tokenizer)  # (chat rows: the policy's template)
+        gym = GymSettings.of_config(c)  # (chat rows and reasoning-gym prompts: the policy's chat template)
+        task = load_task(c.task, fields, tokenizer=learner.tokenizer, gym=gym)
         reward_fn = build_reward(c.reward, task, device=learner.device, weights=c.reward_weights)
         sampling = sampling_params(c, task)
         out = Path(c.output_dir)
@@ -248,6 +274,27 @@ def run_training(
                 start_step + offset,
             )
             pusher.push_now(start_step, snapshot())  # before the producer starts: it needs this version
+        train_intervals: list[tuple[float, float]] = []  # when the trainer was busy, for the overlap measure
+        last_checkpoint, checkpoint_seconds = None, 0.0
+        train_seconds_so_far = 0.0  # the steps' wall time: what an accuracy-against-time curve plots
+        evals = (out / "eval.jsonl").open("a" if resume else "w") if c.eval_every else None
+        if evals is not None:
+            cleanup.callback(evals.close)
+
+        def evaluate(step: int) -> float:  # held-out reward of policy `step` (served), producer paused
+            with producer.paused() if producer is not None else nullcontext():
+                t0 = time.monotonic()
+                pusher.wait_served(step)
+                result = {"step": step, "train_seconds": round(train_seconds_so_far, 3)}
+                result |= held_out_eval(backend, task.eval_prompts(), reward_fn, sampling)
+                evals.write(json.dumps(result) + "\n")
+                evals.flush()
+                log.info("held-out reward at step %d: %.4f", step, result["eval_reward"])
+                return time.monotonic() - t0
+
+        producer = None
+        if evals is not None and start_step == 0:  # (before the producer starts: its first batch would wait)
+            evaluate(0)
         producer = Producer(
             c, task, backend, pusher, start_step + 1, c.steps, sampling, prepare=prepare if ahead else None
         )
@@ -262,8 +309,6 @@ def run_training(
             )
         )
 
-        train_intervals: list[tuple[float, float]] = []  # when the trainer was busy, for the overlap measure
-        last_checkpoint, checkpoint_seconds = None, 0.0
         loop_start = step_end = time.monotonic()
         for step in range(start_step + 1, c.steps + 1):
             # --- 1. the batch (generated ahead by the producer) ---------------------------------------------
@@ -328,7 +373,11 @@ def run_training(
                 extra = {"config": c.model_dump(), "version_offset": offset}
                 last_checkpoint = learner.save_checkpoint(checkpoint_dir(out, step), extra)
                 checkpoint_seconds += time.monotonic() - t0
-            step_end = time.monotonic()
+            train_seconds_so_far += record["wall_seconds"]
+            paused = 0.0
+            if evals is not None and (step % c.eval_every == 0 or step == c.steps):
+                paused = evaluate(step)  # (not in the next step's wall time)
+            step_end = time.monotonic() - paused
         pusher.close()
         metrics.flush(pusher.served)
     return {

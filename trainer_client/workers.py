@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,7 @@ class Producer:
         self.batches: queue.Queue[Batch] = queue.Queue()
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.working = threading.Lock()  # held while a batch is generated and prepared (see `paused`)
         self.thread = threading.Thread(target=self._run, name="producer", daemon=True)
         self.thread.start()
 
@@ -155,9 +157,10 @@ class Producer:
                 oldest = max(0, step - 1 - self.config.max_staleness)
                 if not self.pusher.wait_served(oldest, self.stop):
                     return
-                batch = self._generate(step, oldest)
-                if self.prepare is not None:
-                    batch.prepared = self.prepare(batch.samples)
+                with self.working:
+                    batch = self._generate(step, oldest)
+                    if self.prepare is not None:
+                        batch.prepared = self.prepare(batch.samples)
                 self.batches.put(batch)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread
             self.error = e
@@ -187,6 +190,13 @@ class Producer:
                     f"server answered with version {samples.weights_version}, older than allowed"
                 )
             return Batch(step, version, samples, t0, t1)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No batch is generated or prepared inside this block (one under way finishes first): the loop's
+        held-out evaluation then has the backend to itself, and its time is not hidden generation."""
+        with self.working:
+            yield
 
     def get(self, pusher: Pusher) -> Batch:
         while True:

@@ -1,9 +1,10 @@
 """Tasks: where prompts come from and, when it can be computed, how a completion is scored.
 
 A task is any object with the attributes of :class:`Task`. Built-in tasks are registered by name in
-``TASKS``; ``load_task`` also accepts rows of data (tasks/dataset.py): a JSONL, JSON, Parquet or CSV file,
-a folder of them, or a Hub dataset, whose rows hold a text prompt or chat messages and optionally an
-answer for an exact-match reward. Register a new task with ``register_task`` or by adding a
+``TASKS``; ``load_task`` also accepts reasoning-gym's procedural datasets, ``reasoning-gym:NAME[,NAME...]``
+(tasks/reasoning_gym.py), and rows of data (tasks/dataset.py): a JSONL, JSON, Parquet or CSV file, a folder
+of them, or a Hub dataset, whose rows hold a text prompt or chat messages and optionally an answer for an
+exact-match reward. Register a new task with ``register_task`` or by adding a
 ``"name": "module:Class"`` entry to ``_BUILTIN``, which is imported only when asked for.
 """
 
@@ -23,10 +24,11 @@ from trainer_client.tasks.dataset import (
     cycle_prompts,
     load_dataset_task,
 )
+from trainer_client.tasks.reasoning_gym import GymSettings, is_reasoning_gym, load_reasoning_gym_task
 
 __all__ = [
-    "TASKS", "DataFields", "JsonlTask", "RowsTask", "Task", "cycle_prompts", "load_task", "register_task",
-    "task_hint",
+    "TASKS", "DataFields", "GymSettings", "JsonlTask", "RowsTask", "Task", "cycle_prompts", "load_task",
+    "register_task", "task_hint",
 ]  # fmt: skip
 
 
@@ -80,16 +82,22 @@ def register_task(name: str, factory: Callable[[], Task]) -> None:
     TASKS[name] = factory
 
 
-def load_task(name_or_path: str, fields: DataFields | None = None, tokenizer=None) -> Task:
-    """A built-in task by name, else a task of rows from a data file, a folder or a Hub dataset
-    (``owner/name[:config]``); ``fields`` names their columns, and ``tokenizer`` (the policy's) renders
-    rows of chat messages."""
+def load_task(
+    name_or_path: str, fields: DataFields | None = None, tokenizer=None, gym: GymSettings | None = None
+) -> Task:
+    """A built-in task by name; reasoning-gym's datasets, ``reasoning-gym:NAME[,NAME...]``, with the
+    config's keys for them in ``gym``; else a task of rows from a data file, a folder or a Hub dataset
+    (``owner/name[:config]``), whose columns ``fields`` names. ``tokenizer`` (the policy's) renders chat
+    prompts: rows of chat messages, and every reasoning-gym prompt."""
     if name_or_path in TASKS:
         return TASKS[name_or_path]()
+    if is_reasoning_gym(name_or_path):
+        return load_reasoning_gym_task(name_or_path, tokenizer, gym)
     path = Path(name_or_path)
     if path.exists() or path.suffix in DATA_SUFFIXES or HUB_NAME.match(name_or_path):
         return load_dataset_task(name_or_path, fields or DataFields(), tokenizer)
     raise ValueError(
-        f"unknown task {name_or_path!r}: not one of {sorted(TASKS)}, a data file or folder "
+        f"unknown task {name_or_path!r}: not one of {sorted(TASKS)}, reasoning-gym:NAME (a reasoning-gym "
+        f"dataset, e.g. reasoning-gym:chain_sum), a data file or folder "
         f"({', '.join(sorted(DATA_SUFFIXES))}) or a Hub dataset name owner/name"
     )
