@@ -64,7 +64,7 @@ learn() {  # learn NAME [demo args...]
   local name=$1; shift
   local dir=runs/gpu/$name
   rm -rf "$dir"
-  python3 -m trainer_client demo --size "${LEARN_SIZE:-300m}" --set device=cuda --set progress_bar=false \
+  python3 -m trainer_client demo --model starter --size "${LEARN_SIZE:-300m}" --set device=cuda --set progress_bar=false \
     --set log_every=10 --output-dir "$dir" "$@" > "$DEST/$name.log" 2>&1
   local rc=$?
   mkdir -p "$DEST/$name"

@@ -23,7 +23,7 @@ def test_colocated_demo_raises_heldout_reward(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
-        sys.executable, "-m", "trainer_client", "demo",
+        sys.executable, "-m", "trainer_client", "demo", "--model", "starter",
         "--seed", "0", "--steps", str(STEPS),
         "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
         "--set", "mode=colocate", "--set", "progress_bar=false",

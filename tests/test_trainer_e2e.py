@@ -354,3 +354,34 @@ def test_held_out_evaluation_during_the_run(base_config, server, tmp_path):
     lengths = [len(r.completions[0].text) / 100 for r in out.results]
     assert evals[-1]["eval_reward"] == pytest.approx(sum(lengths) / len(lengths))
     assert evals[-1]["eval_prompts"] == len(task.eval_prompts()) > 0
+
+
+def test_two_steps_on_a_reasoning_gym_task(base_config, server, tiny_model_dir, tmp_path):
+    """A reasoning-gym task end to end: chat prompts rendered with the policy's template, the dataset's
+    verifier as the reward (plus a little of `length`, so that the tiny model's noise gives pairs), two
+    steps trained and pushed, and the held-out set scored by the verifier before and after."""
+    from chat_model import with_chat_template
+
+    model = with_chat_template(tiny_model_dir, tmp_path / "chat-model")
+    config = TrainConfig(
+        **base_config
+        | dict(
+            model=str(model),
+            steps=2,
+            batch_size=2,
+            task="reasoning-gym:chain_sum",
+            task_options={"min_terms": 2, "max_terms": 2, "max_digits": 1},
+            task_eval_size=4,
+            reward=["task", "length"],
+            reward_weights=[1.0, 0.01],
+            eval_every=2,
+            output_dir=str(tmp_path / "run"),
+        )
+    )
+    summary = run_training(config)
+    steps = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in steps] == [1, 2] and all(r["pairs"] > 0 for r in steps)
+    with GeneratorClient(server.url, api_key=server.api_key) as client:
+        assert client.health().weights_version == 2 + summary["version_offset"]
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and all(e["eval_prompts"] == 4 for e in evals)
