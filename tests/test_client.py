@@ -148,3 +148,35 @@ def test_push_state_dict_is_safetensors(tmp_path):
     fake_client(handler).push_weights({"w": torch.arange(6.0).view(2, 3)}, version=1, tmp_dir=tmp_path)
     assert got["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert list(tmp_path.iterdir()) == []  # temporary file removed
+
+
+def test_a_restarting_server_is_waited_for_up_to_restart_timeout():
+    """A server that restarts its engine answers 503 (or refuses connections) for longer than the retries
+    last: with ``restart_timeout`` the request keeps trying until the server is back; without, it stops.
+    A 500 is not a restart and gets only ``max_retries``."""
+    calls = []
+    ok = {"status": "ok", "model": "m", "weights_version": 0, "vllm_version": "x", "device": "cpu"}
+
+    def handler(request):
+        calls.append(1)
+        if len(calls) <= 3:
+            raise httpx.ConnectError("refused")
+        if len(calls) <= 8:
+            return httpx.Response(503, json={"detail": "the engine is starting"})
+        return httpx.Response(200, json=ok)
+
+    assert fake_client(handler, max_retries=1, restart_timeout=60).health().weights_version == 0
+    assert len(calls) == 9
+    calls.clear()
+    with pytest.raises(GeneratorUnavailable, match="503"):
+        fake_client(handler, max_retries=4).health()
+    assert len(calls) == 5
+
+    def broken(request):
+        calls.append(1)
+        return httpx.Response(500, json={"detail": "boom"})
+
+    calls.clear()
+    with pytest.raises(GeneratorHTTPError, match="500: boom"):
+        fake_client(broken, max_retries=1, restart_timeout=60).metrics()
+    assert len(calls) == 2

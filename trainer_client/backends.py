@@ -170,8 +170,9 @@ def make_backend(config: TrainConfig) -> GenerationBackend:
         servers = []
         for url in config.server_urls:
             client = GeneratorClient(
-                url, api_key=config.api_key, timeout=config.request_timeout, max_retries=config.max_retries
-            )
+                url, api_key=config.api_key, timeout=config.request_timeout, max_retries=config.max_retries,
+                restart_timeout=config.server_restart_timeout,
+            )  # fmt: skip
             servers.append(ServerBackend(client, push=config.push, device=config.device, config=config))
         if len(servers) == 1:
             return servers[0]

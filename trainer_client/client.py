@@ -416,6 +416,9 @@ class GeneratorClient:
             models need minutes.
         max_retries: retries after a connection error, a timeout or a 5xx answer (0 = try once).
         backoff: seconds before the first retry, doubled after each one, capped at ``backoff_max``.
+        restart_timeout: beyond ``max_retries``, keep retrying a request for up to this many seconds in all
+            while the server is away or restarting its engine (connection refused or dropped, 503): an
+            engine restart then costs a run that long at most, not the run (0 = ``max_retries`` only).
         transport: an httpx transport to use instead of the network (for tests).
     """
 
@@ -427,10 +430,12 @@ class GeneratorClient:
         max_retries: int = 5,
         backoff: float = 0.5,
         backoff_max: float = 10.0,
+        restart_timeout: float = 0.0,
         transport: httpx.BaseTransport | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.max_retries, self.backoff, self.backoff_max = max_retries, backoff, backoff_max
+        self.restart_timeout = restart_timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -448,13 +453,16 @@ class GeneratorClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, retries: int | None = None, **kwargs) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, retries: int | None = None, patient: bool = True, **kwargs
+    ) -> httpx.Response:
         """Send one request, retrying transport errors and 5xx; raise on 4xx and on exhausted retries.
+        With ``patient``, a server that is away or restarting (see ``restart_timeout``) is waited for.
 
         A ``content`` that is a callable is called anew for every attempt (a fresh body stream)."""
         retries = self.max_retries if retries is None else retries
-        delay = self.backoff
-        for attempt in range(retries + 1):
+        delay, started, attempt = self.backoff, time.monotonic(), 0
+        while True:
             send = dict(kwargs)
             if callable(send.get("content")):
                 send["content"] = send["content"]()
@@ -462,26 +470,32 @@ class GeneratorClient:
                 response = self._http.request(method, path, **send)
             except httpx.TransportError as e:
                 problem = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                if attempt == retries:
-                    raise GeneratorUnavailable(
-                        f"{method} {self.base_url}{path} failed after {attempt + 1} attempt(s): {problem}"
-                    ) from e
+                away = isinstance(e, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError))
+                error: Exception = GeneratorUnavailable(
+                    f"{method} {self.base_url}{path} failed after {attempt + 1} attempt(s): {problem}"
+                )
+                error.__cause__ = e
             else:
                 if response.status_code < 400:
                     return response
                 detail = _detail(response)
                 if response.status_code < 500:
-                    error = StaleVersionError if response.status_code == 409 else GeneratorHTTPError
-                    raise error(response.status_code, detail, method, path)
+                    error_type = StaleVersionError if response.status_code == 409 else GeneratorHTTPError
+                    raise error_type(response.status_code, detail, method, path)
                 problem = f"{response.status_code}: {detail}"
-                if attempt == retries:
-                    if response.status_code == 503:
-                        raise GeneratorUnavailable(f"{method} {self.base_url}{path} -> {problem}")
-                    raise GeneratorHTTPError(response.status_code, detail, method, path)
-            log.warning("%s %s: %s; retry %d/%d in %.1fs", method, path, problem, attempt + 1, retries, delay)
+                away = response.status_code == 503
+                if away:
+                    error = GeneratorUnavailable(f"{method} {self.base_url}{path} -> {problem}")
+                else:
+                    error = GeneratorHTTPError(response.status_code, detail, method, path)
+            waiting = patient and away and time.monotonic() - started + delay <= self.restart_timeout
+            if attempt >= retries and not waiting:
+                raise error
+            more = f"{attempt + 1}/{retries}" if attempt < retries else f"{attempt + 1} (server away)"
+            log.warning("%s %s: %s; retry %s in %.1fs", method, path, problem, more, delay)
             time.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
-        raise AssertionError("unreachable")
+            attempt += 1
 
     # --- endpoints -------------------------------------------------------------------------------------
     def health(self, retries: int | None = None) -> Health:
@@ -493,7 +507,7 @@ class GeneratorClient:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return self.health(retries=0)
+                return Health.model_validate(self._request("GET", "/health", retries=0, patient=False).json())
             except GeneratorUnavailable:
                 if time.monotonic() > deadline:
                     raise

@@ -54,6 +54,11 @@ class TrainConfig(BaseModel):
     max_retries: int = Field(10, ge=0)
     """Retries of a request after a connection error, timeout or 5xx, with exponential backoff from 0.5 s
     up to 10 s apart (10 retries: about 1.5 minutes, enough for a small server to restart)."""
+    server_restart_timeout: float = Field(600.0, ge=0)
+    """Seconds a request keeps being retried, beyond `max_retries`, while the server cannot be reached or
+    answers 503 (its engine restarting after a crash): the run waits that long for it, then puts its
+    current weights back if the restarted server serves an older version, and goes on. 0 = `max_retries`
+    only."""
     connect_timeout: float = Field(60.0, gt=0)
     """Seconds to wait at start-up for the server to answer /health before giving up."""
     push: Literal["auto", "http", "shared", "ipc", "stream"] = "auto"
