@@ -44,6 +44,7 @@ from trainer_client.checkpoint import checkpoint_dir
 from trainer_client.client import Completion
 from trainer_client.config import TrainConfig
 from trainer_client.dpo import apply_missing_eos_penalty, build_pairs
+from trainer_client.evaluate import EVAL_REQUEST_PROMPTS
 from trainer_client.learner import Learner, NotFiniteError, StepStats
 from trainer_client.metrics_log import METRICS_FILE, MetricsLog
 from trainer_client.replicas import replica_metrics
@@ -166,10 +167,10 @@ def held_out_eval(backend: GenerationBackend, prompts: list[str], reward_fn, sam
     and the versions they came from."""
     t0 = time.monotonic()
     completions, versions = [], set()
-    for i in range(0, len(prompts), 1024):  # (the server's --max-prompts is 4096 by default)
+    for i in range(0, len(prompts), EVAL_REQUEST_PROMPTS):  # (as `trainer-client eval` splits them)
         out = backend.generate(
-            prompts[i : i + 1024], n=1, max_tokens=sampling["max_tokens"], temperature=0.0, seed=None,
-            stop=sampling["stop"],
+            prompts[i : i + EVAL_REQUEST_PROMPTS], n=1, max_tokens=sampling["max_tokens"], temperature=0.0,
+            seed=None, stop=sampling["stop"],
         )  # fmt: skip
         completions += [row[0] for row in out.completions]
         versions.add(out.weights_version)
