@@ -174,7 +174,8 @@ class GenerationEngine:
         kv_cache_gib = cpu_kv_cache_gib(s.kv_cache_gib) if on_cpu else s.kv_cache_gib
         dtype = cpu_dtype(s.dtype) if on_cpu else s.dtype
         if on_cpu:
-            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (vLLM would let it override the size below)
+            if s.kv_cache_gib is not None:  # the flag wins over vLLM's variable, which would override it
+                os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
             log.info("KV cache: %.1f GiB of the machine's memory (--kv-cache-gib)", kv_cache_gib)
             if dtype != s.dtype:
                 log.info("computing in %s: this CPU has no native bfloat16 (--dtype)", dtype)
