@@ -9,7 +9,6 @@ file's path; ``generator_server.gguf_model.resolve_model`` turns that into a mod
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import subprocess
@@ -19,12 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("trainer_client")
-
-
-def cache_root() -> Path:
-    """``$ONLINE_DPO_CACHE``, else ``~/.cache/online-dpo`` (where the demo's models are kept)."""
-    return Path(os.environ.get("ONLINE_DPO_CACHE") or Path.home() / ".cache" / "online-dpo")
+from generator_server.gguf_model import cache_root  # (one cache for the files and their conversions)
 
 
 @dataclass(frozen=True)
