@@ -180,3 +180,17 @@ def test_a_restarting_server_is_waited_for_up_to_restart_timeout():
     with pytest.raises(GeneratorHTTPError, match="500: boom"):
         fake_client(broken, max_retries=1, restart_timeout=60).metrics()
     assert len(calls) == 2
+
+
+def test_one_server_is_waited_for_but_a_replica_is_dropped():
+    """The restart wait applies to a lone server; among replicas, one that is away must be dropped after
+    its retries (the others take its prompts), not waited for, or every batch would wait on it."""
+    from trainer_client.backends import make_backend
+    from trainer_client.config import TrainConfig
+
+    one = make_backend(TrainConfig(model="m", server_url="http://127.0.0.1:9", server_restart_timeout=300))
+    assert one.client.restart_timeout == 300
+    one.close()
+    two = make_backend(TrainConfig(model="m", server_url=["http://127.0.0.1:9", "http://127.0.0.1:10"]))
+    assert [r.backend.client.restart_timeout for r in two.replicas] == [0.0, 0.0]
+    two.close()

@@ -167,11 +167,15 @@ class ServerBackend:
 
 def make_backend(config: TrainConfig) -> GenerationBackend:
     if config.mode == "server":
+        # One server is waited for while it restarts; among replicas, one that is away is dropped instead
+        # (the others take its prompts, and it is probed and taken back when it answers): waiting on it
+        # would hold up every batch.
+        one = len(config.server_urls) == 1
         servers = []
         for url in config.server_urls:
             client = GeneratorClient(
                 url, api_key=config.api_key, timeout=config.request_timeout, max_retries=config.max_retries,
-                restart_timeout=config.server_restart_timeout,
+                restart_timeout=config.server_restart_timeout if one else 0.0,
             )  # fmt: skip
             servers.append(ServerBackend(client, push=config.push, device=config.device, config=config))
         if len(servers) == 1:

@@ -58,7 +58,8 @@ class TrainConfig(BaseModel):
     """Seconds a request keeps being retried, beyond `max_retries`, while the server cannot be reached or
     answers 503 (its engine restarting after a crash): the run waits that long for it, then puts its
     current weights back if the restarted server serves an older version, and goes on. 0 = `max_retries`
-    only."""
+    only. With several `server_urls` it does not apply: a replica that is away is dropped after
+    `max_retries`, the others take its prompts, and it is taken back when it answers again."""
     connect_timeout: float = Field(60.0, gt=0)
     """Seconds to wait at start-up for the server to answer /health before giving up."""
     push: Literal["auto", "http", "shared", "ipc", "stream"] = "auto"
