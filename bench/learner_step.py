@@ -64,7 +64,10 @@ def synthetic_batch(pairs: int, prompt_tokens: int, completion_tokens: int, voca
 
     prompts = [ids(prompt_tokens) for _ in range(pairs)]
     completions = [
-        [Completion(text="", token_ids=ids(completion_tokens), finish_reason="length") for _ in range(2)]
+        [
+            Completion(text="", token_ids=ids(completion_tokens), logprobs=None, finish_reason="length")
+            for _ in range(2)
+        ]
         for _ in range(pairs)
     ]
     batch = GenerationBatch(weights_version=0, prompts=[""] * pairs, prompt_token_ids=prompts,

@@ -14,7 +14,6 @@ the write lock is taken, so generation stops only for the swap itself.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -48,21 +47,11 @@ from generator_server.weights import (
     read_folder_tensors,
     safetensors_files,
 )
+from online_dpo_protocol import host_id
 
 log = logging.getLogger(__name__)
 
 TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
-
-
-@functools.cache
-def host_id() -> str:
-    """This machine's identity as CUDA IPC sees it: the kernel's boot id (containers on one host share it)."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        import socket
-
-        return socket.gethostname()
 
 
 def cpu_has_native_bf16() -> bool:

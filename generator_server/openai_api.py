@@ -23,7 +23,6 @@ from generator_server.config import ServerSettings
 from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
 
-VERSION_HEADER = "X-Weights-Version"
 """Response header of every /v1 answer from the engine: the weights version that generated all of it."""
 STARTING_PATH = "/v1/{path:path}"
 

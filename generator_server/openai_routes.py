@@ -37,8 +37,9 @@ from generator_server.auth import require_api_key
 from generator_server.config import ServerSettings
 from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
-from generator_server.openai_api import VERSION_HEADER, OpenAIErrors
+from generator_server.openai_api import OpenAIErrors
 from generator_server.routes import get_engine
+from online_dpo_protocol import VERSION_HEADER
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from generator_server.schemas import (
     WeightsUpdate,
 )
 from generator_server.weights import no_room
+from online_dpo_protocol.digests import CHUNKED_SHA256_PATTERN, HEX_DIGEST_PATTERN
 
 UNAUTHORIZED = {401: {"description": "missing or wrong API key (the server runs with --api-key)"}}
 NOT_READY = {503: {"description": "the engine is starting, broken, or holds no whole version (reason given)"}}
@@ -94,9 +95,9 @@ LOAD_REFUSED = {
     413: {"description": "body over --max-request-bytes"},
 }
 # Documented only: a malformed digest header is a 400 whose message gives the form (not FastAPI's 422).
-SHA256_FORM = {"pattern": "^[0-9a-fA-F]{64}$"}
+SHA256_FORM = {"pattern": HEX_DIGEST_PATTERN}
 BLAKE3_FORM = SHA256_FORM
-CHUNKED_SHA256_FORM = {"pattern": "^[0-9]{7,10}:[0-9a-fA-F]{64}$"}
+CHUNKED_SHA256_FORM = {"pattern": CHUNKED_SHA256_PATTERN}
 METRICS = {
     200: {
         "description": "Prometheus text exposition format",

@@ -45,10 +45,11 @@ from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
 from generator_server.schemas import StreamBeginRequest, WeightsUpdate
 from generator_server.weights import WRITE_CHUNK_BYTES, UploadFile, new_blake3, no_room, parse_blake3
+from online_dpo_protocol import STREAM_TICKET_BYTES
 
 log = logging.getLogger(__name__)
 
-TICKET_BYTES = 32
+TICKET_BYTES = STREAM_TICKET_BYTES
 PIECE_BYTES = WRITE_CHUNK_BYTES
 """The body is read and hashed in pieces of this size (one ``recv_into`` and one BLAKE3 call each)."""
 WAKE_SECONDS = 1

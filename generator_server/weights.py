@@ -26,13 +26,20 @@ import struct
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 
 from generator_server.errors import ApiError
+from online_dpo_protocol import digests
+from online_dpo_protocol.digests import (  # noqa: F401  (DIGESTS: what GET /weights lists)
+    BLAKE3_HEADER,
+    DIGESTS,
+    SHA256_HEADER,
+    ChunkedSha256,
+)
 
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -59,15 +66,9 @@ MEMORY_HEADROOM_BYTES = 2**30
 reload needs some, and running out of memory kills processes where running out of disk only fails a push."""
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # (Linux)
 IOV_MAX = 1024
-MIN_DIGEST_CHUNK_BYTES, MAX_DIGEST_CHUNK_BYTES = 1 << 20, 1 << 30
-"""The chunk sizes ``X-Weights-Chunked-SHA256`` may name: powers of two between these."""
 HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads hashing the chunks of ``X-Weights-Chunked-SHA256`` bodies (shared by all pushes), and the most
 cores one BLAKE3 ``update`` spreads over."""
-DIGESTS = ("blake3", "chunked-sha256", "sha256")
-"""The body digests ``PUT /weights`` checks (``X-Weights-BLAKE3``, ``X-Weights-Chunked-SHA256``,
-``X-Weights-SHA256``), the cheapest to compute first: what ``GET /weights`` advertises, so that a client
-can pick. BLAKE3 hashes about 3.5x faster than SHA-256 on one core, and spreads over several by itself."""
 
 
 @dataclass(frozen=True)
@@ -216,18 +217,18 @@ def no_room(error: OSError) -> ApiError | None:
     )  # fmt: skip
 
 
-def parse_sha256(value: str, header: str = "X-Weights-SHA256") -> str:
+def parse_sha256(value: str, header: str = SHA256_HEADER) -> str:
     """``X-Weights-SHA256`` (or another ``header`` of a 32-byte digest): 64 hexadecimal digits (400
     otherwise), lower-cased."""
-    value = value.strip().lower()
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ApiError(400, f"{header} must be 64 hexadecimal digits")
-    return value
+    try:
+        return digests.parse_hex_digest(value, header)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def parse_blake3(value: str) -> str:
     """``X-Weights-BLAKE3``: 64 hexadecimal digits (400 otherwise), lower-cased."""
-    return parse_sha256(value, "X-Weights-BLAKE3")
+    return parse_sha256(value, BLAKE3_HEADER)
 
 
 def new_blake3() -> blake3.blake3:
@@ -240,79 +241,41 @@ def new_blake3() -> blake3.blake3:
 def parse_chunked_sha256(value: str) -> tuple[int, str]:
     """``X-Weights-Chunked-SHA256: <chunk_bytes>:<hex>`` -> (chunk_bytes, hex lower-cased); 400 unless
     ``chunk_bytes`` is a power of two from 1 MiB to 1 GiB (decimal) and ``hex`` is 64 hexadecimal digits."""
-    size, colon, hexdigest = value.strip().partition(":")
-    size, hexdigest = size.strip(), hexdigest.strip().lower()
-    form = "'<chunk_bytes>:<64 hexadecimal digits>'"
-    if not colon or not (size.isascii() and size.isdigit()) or len(size) > 12:
-        raise ApiError(400, f"X-Weights-Chunked-SHA256 must be {form}, not {value[:100]!r}")
-    chunk_bytes = int(size)
-    if not (MIN_DIGEST_CHUNK_BYTES <= chunk_bytes <= MAX_DIGEST_CHUNK_BYTES and chunk_bytes.bit_count() == 1):
-        raise ApiError(
-            400, "X-Weights-Chunked-SHA256: the chunk size must be a power of two from "
-            f"{MIN_DIGEST_CHUNK_BYTES} (1 MiB) to {MAX_DIGEST_CHUNK_BYTES} (1 GiB) bytes, not {chunk_bytes}",
-        )  # fmt: skip
     try:
-        parse_sha256(hexdigest)
-    except ApiError:
-        raise ApiError(400, f"X-Weights-Chunked-SHA256 must be {form}: the digest is not") from None
-    return chunk_bytes, hexdigest
+        return digests.parse_chunked_sha256(value)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
 
 
-def chunked_sha256(data: bytes | memoryview, chunk_bytes: int) -> str:
-    """The hex digest ``X-Weights-Chunked-SHA256`` names: SHA-256 of the concatenated 32-byte SHA-256
-    digests of ``data``'s consecutive ``chunk_bytes`` chunks (the last may be shorter; none when empty).
-    One thread; :class:`ChunkedDigest` computes the same as the bytes arrive."""
-    view = memoryview(data).cast("B")
-    chunks = (view[start : start + chunk_bytes] for start in range(0, view.nbytes, chunk_bytes))
-    return hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
-
-
-class ChunkedDigest:
-    """``chunked_sha256`` of a body arriving in pieces (:meth:`add`, in order): each chunk is hashed in
-    ``pool`` once all its bytes are in, so chunks hash in parallel while the next ones arrive. A chunk's
-    pieces are held until it is hashed; :meth:`throttle` waits while more than ``max_pending`` chunks are
-    (which slows the sender down rather than holding the body in memory)."""
+class ChunkedDigest(ChunkedSha256):
+    """The chunked SHA-256 of a body arriving in pieces (:meth:`add`, in order), for an event loop: each
+    chunk is hashed in ``pool`` once all its bytes are in, so chunks hash in parallel while the next ones
+    arrive. A chunk's pieces are held until it is hashed; :meth:`throttle` waits while more than
+    ``max_pending`` chunks are (which slows the sender down rather than holding the body in memory)."""
 
     def __init__(self, pool: ThreadPoolExecutor, chunk_bytes: int, max_pending: int):
-        self.pool, self.chunk_bytes, self.max_pending = pool, chunk_bytes, max_pending
-        self._pieces: list[memoryview] = []
-        self._filled = 0
-        self._digests: list[Future[bytes]] = []
+        super().__init__(pool, chunk_bytes)
+        self.max_pending = max_pending
         self._waiting = 0
         """Index of the first digest that may still be computing."""
 
-    def add(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view.nbytes:
-            take = min(self.chunk_bytes - self._filled, view.nbytes)
-            self._pieces.append(view if take == view.nbytes else view[:take])
-            self._filled += take
-            view = view[take:]
-            if self._filled == self.chunk_bytes:
-                self._submit()
-
-    def _submit(self) -> None:
-        pieces, self._pieces, self._filled = self._pieces, [], 0
-        self._digests.append(self.pool.submit(_sha256_of, pieces))
+    @staticmethod
+    def hash_chunk(pieces: list[memoryview]) -> bytes:
+        # joined first: one update gives the GIL back once, where one per piece (the network's small
+        # pieces) would wait for it again after every piece (see WeightStore.receive's write)
+        return hashlib.sha256(b"".join(pieces)).digest()
 
     async def throttle(self) -> None:
-        while len(self._digests) - self._waiting > self.max_pending:
-            if not self._digests[self._waiting].done():
-                await asyncio.wrap_future(self._digests[self._waiting])
+        while len(self.chunk_digests) - self._waiting > self.max_pending:
+            if not self.chunk_digests[self._waiting].done():
+                await asyncio.wrap_future(self.chunk_digests[self._waiting])
             self._waiting += 1
 
     async def hexdigest(self) -> str:
-        """The digest of all the bytes added (the last, shorter chunk is hashed now)."""
-        if self._filled:
-            self._submit()
-        digests = [await asyncio.wrap_future(f) for f in self._digests]
-        return hashlib.sha256(b"".join(digests)).hexdigest()
-
-
-def _sha256_of(pieces: list[memoryview]) -> bytes:
-    # joined first: one update gives the GIL back once, where one per piece would wait for it again after
-    # every piece (see WeightStore.receive's write)
-    return hashlib.sha256(b"".join(pieces)).digest()
+        """The hex digest of all the bytes added (the last, shorter chunk is hashed now)."""
+        self.close()
+        found = [await asyncio.wrap_future(f) for f in self.chunk_digests]
+        return self.value(found).partition(":")[2]
 
 
 # --- the weights folders this server owns --------------------------------------------------------------

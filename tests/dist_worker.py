@@ -35,7 +35,8 @@ def batch() -> GenerationBatch:
     prompts = [tokens(n) for n in (5, 9, 3, 7, 4)]
     lengths = ((7, 12, 4), (10, 3, 8), (6, 6, 11), (5, 9, 2), (8, 4, 13))
     completions = [
-        [Completion(text="", token_ids=tokens(n), finish_reason="stop") for n in row] for row in lengths
+        [Completion(text="", token_ids=tokens(n), logprobs=None, finish_reason="stop") for n in row]
+        for row in lengths
     ]
     return GenerationBatch(0, [str(i) for i in range(PROMPTS)], prompts, completions)
 

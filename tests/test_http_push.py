@@ -38,6 +38,7 @@ from generator_server.weights import (
     parse_blake3,
     parse_chunked_sha256,
 )
+from online_dpo_protocol.digests import chunked_sha256
 from trainer_client import client as client_module
 from trainer_client.backends import ServerBackend
 from trainer_client.client import Blake3Digest, ChunkedSha256, GeneratorClient, PushTarget, SafetensorsBody
@@ -141,8 +142,7 @@ def test_snapshot_hashes_the_body_it_sends(digests):
 def test_digest_choice_follows_the_servers_answer():
     """On the parsed ``GET /weights`` answer: the first digest the server lists that a snapshot can be
     hashed with; an answer without ``digests`` (an older server) gets the chunked SHA-256."""
-    spec = {"weights_version": 0, "tensors": {}}
-    assert pick_digest(client_module.WeightsSpec.model_validate(spec).digests) == "chunked-sha256"
+    assert pick_digest(fake_server({}, None).weights_spec().digests) == "chunked-sha256"
     assert pick_digest(PushTarget().digests) == "chunked-sha256"
     assert pick_digest(list(DIGESTS)) == "blake3"
     assert pick_digest(["chunked-sha256", "blake3"]) == "chunked-sha256"  # the server's order
@@ -213,8 +213,7 @@ def test_chunked_digest_matches_the_reference(size):
     than one chunk, whatever pieces the bytes arrive in (pieces straddle the chunk boundaries)."""
     data = os.urandom(size)
     expected = reference_chunked_sha256(data, MiB)
-    assert client_module.chunked_sha256(data, MiB) == expected
-    assert server_weights.chunked_sha256(data, MiB) == expected.split(":")[1]
+    assert chunked_sha256(data, MiB) == expected  # (the protocol's definition, which both sides use)
     with ThreadPoolExecutor(3) as pool:
         digest = ChunkedSha256(pool, MiB)
         for start in range(0, size, 300_001):
@@ -232,7 +231,7 @@ def test_chunked_digest_matches_the_reference(size):
     if size:  # one byte flipped anywhere changes it
         flipped = bytearray(data)
         flipped[size // 2] ^= 0x80
-        assert client_module.chunked_sha256(bytes(flipped), MiB) != expected
+        assert chunked_sha256(bytes(flipped), MiB) != expected
     body = SafetensorsBody(mixed_tensors())
     assert body.chunked_sha256(MiB) == reference_chunked_sha256(body_bytes(body), MiB)
 

@@ -60,7 +60,7 @@ def batch() -> tuple[GenerationBatch, list[tuple[int, int, int]]]:
 
     prompts = [tokens(n) for n in (5, 9, 3)]
     completions = [
-        [Completion(text="", token_ids=tokens(n), finish_reason="stop") for n in lengths]
+        [Completion(text="", token_ids=tokens(n), logprobs=None, finish_reason="stop") for n in lengths]
         for lengths in ((7, 12, 4), (10, 3, 8), (6, 6, 11))
     ]
     samples = GenerationBatch(0, ["a", "b", "c"], prompts, completions)

@@ -10,7 +10,9 @@
 
 Every call has a timeout. Connection errors, timeouts and 5xx answers are retried with exponential backoff
 (``max_retries`` times); a 4xx answer is never retried and raises :class:`GeneratorHTTPError` carrying the
-server's message. It depends on httpx, pydantic and blake3 only; ``push_weights`` also needs torch.
+server's message. The bodies, header names and digests are those of ``online_dpo_protocol``, which the server
+validates with. It depends on httpx, pydantic and blake3 only (not on the server's FastAPI or vLLM);
+``push_weights`` also needs torch.
 """
 
 from __future__ import annotations
@@ -23,100 +25,50 @@ import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import blake3
 import httpx
-from pydantic import BaseModel
+
+from online_dpo_protocol.digests import (  # noqa: F401  (some re-exported: names this module had)
+    BLAKE3_HEADER,
+    CHUNKED_SHA256_HEADER,
+    DIGEST_CHUNK_BYTES,
+    LEGACY_DIGESTS,
+    MAX_DIGEST_CHUNK_BYTES,
+    MIN_DIGEST_CHUNK_BYTES,
+    SHA256_HEADER,
+    Blake3Digest,
+    ChunkedSha256,
+    sha256_file,
+)
+from online_dpo_protocol.digests import FILE_CHUNK_BYTES as CHUNK_BYTES
+from online_dpo_protocol.models import (  # noqa: F401  (the server's contract, defined once)
+    Completion,
+    GenerateResponse,
+    GenerateTiming,
+    IpcBeginResponse,
+    IpcBucketResponse,
+    PromptResult,
+    PushTarget,
+    StreamBeginResponse,
+    TensorSpec,
+    WeightsSpec,
+    WeightsUpdate,
+)
+from online_dpo_protocol.models import HealthResponse as Health
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
 SEND_CHUNK_BYTES = 1 << 20
 """Largest piece of a tensor handed to httpx at once (its HTTP/1.1 layer copies each piece once; larger
 pieces were no faster on loopback, 16 MiB ones slower)."""
-DIGEST_CHUNK_BYTES = 16 << 20
-"""Chunk size of the ``X-Weights-Chunked-SHA256`` digest this client sends (see :class:`ChunkedSha256`)."""
-MIN_DIGEST_CHUNK_BYTES, MAX_DIGEST_CHUNK_BYTES = 1 << 20, 1 << 30
-"""The chunk sizes the server accepts: powers of two between these."""
 HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
 """Threads hashing chunks in parallel (hashlib releases the GIL while it hashes a large buffer)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Response types (the server's contract)
-# ---------------------------------------------------------------------------------------------------------
-class Health(BaseModel):
-    status: str
-    model: str
-    weights_version: int
-    vllm_version: str
-    device: str
-
-
-class Completion(BaseModel):
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    finish_reason: Literal["stop", "length"] | str
-
-
-class PromptResult(BaseModel):
-    prompt_token_ids: list[int]
-    completions: list[Completion]
-
-
-class GenerateTiming(BaseModel):
-    weights_wait_seconds: float
-    """Seconds the request waited on the server for the weights (a reload held them)."""
-    generate_seconds: float
-    """Seconds the server's engine worked on it, from holding the weights to the last completion."""
-
-
-class GenerateResponse(BaseModel):
-    weights_version: int
-    results: list[PromptResult]
-    timing: GenerateTiming | None = None
-    """The server's account of the request's time (None from a server older than this field)."""
-
-
-class TensorSpec(BaseModel):
-    shape: list[int]
-    dtype: str
-
-
-class PushTarget(BaseModel):
-    """Where the server runs and which weight transports it accepts (``GET /weights``)."""
-
-    transports: list[str] = ["http"]
-    """``http`` always; ``shared`` with a checkpoint root; ``ipc`` when its engine is on a CUDA GPU."""
-    digests: list[str] = ["chunked-sha256", "sha256"]
-    """The body digests ``PUT /weights`` checks, preferred first (``blake3``, ``chunked-sha256``,
-    ``sha256``); a server older than this field does not say, and checks the SHA-256 ones."""
-    host_id: str | None = None
-    """Identity of the server's host (its kernel boot id): CUDA IPC needs the trainer on the same one."""
-    gpu_uuid: str | None = None
-    """UUID of the GPU the server's engine runs on (None on CPU)."""
-    stream_port: int | None = None
-    """Port of the server's stream uploads (``stream`` in ``transports``), on the host of its URL."""
-
-
-class WeightsSpec(PushTarget):
-    weights_version: int
-    tensors: dict[str, TensorSpec]
-
-
-class WeightsUpdate(BaseModel):
-    weights_version: int
-    bytes: int | None = None
-    load_seconds: float | None = None
-    phase_seconds: dict[str, float] | None = None
-    receive_seconds: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,130 +111,6 @@ def _detail(response: httpx.Response) -> str:
                 parts.append(str(err))
         return "; ".join(parts)
     return str(detail)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def chunked_sha256(data: bytes | memoryview, chunk_bytes: int = DIGEST_CHUNK_BYTES) -> str:
-    """The ``X-Weights-Chunked-SHA256`` value of ``data`` in one thread (see :class:`ChunkedSha256`)."""
-    digest = ChunkedSha256(None, chunk_bytes)
-    digest.add(data)
-    return digest.result()
-
-
-class ChunkedSha256:
-    """The ``X-Weights-Chunked-SHA256`` header of a body whose bytes are handed over in order (``add``):
-    ``"<chunk_bytes>:<hex>"``, ``<hex>`` the SHA-256 of the concatenated 32-byte SHA-256 digests of the
-    body's consecutive ``chunk_bytes`` chunks (the last one may be shorter; no chunk for an empty body).
-
-    Each chunk is hashed in ``pool`` as soon as all its bytes have been added, so chunks hash in parallel
-    and while later bytes are still being produced (None: in the calling thread). The buffers added are
-    read in place, later: they must not change until :meth:`result` has returned."""
-
-    name = "chunked-sha256"
-    """The digest's name in ``GET /weights``' ``digests``."""
-
-    def __init__(self, pool: Executor | None, chunk_bytes: int = DIGEST_CHUNK_BYTES):
-        if not (
-            MIN_DIGEST_CHUNK_BYTES <= chunk_bytes <= MAX_DIGEST_CHUNK_BYTES and chunk_bytes.bit_count() == 1
-        ):
-            raise ValueError(f"chunk_bytes must be a power of two from 1 MiB to 1 GiB, not {chunk_bytes}")
-        self.pool, self.chunk_bytes = pool, chunk_bytes
-        self._pieces: list[memoryview] = []
-        self._filled = 0
-        self._digests: list[Future[bytes]] = []
-        self._value: str | None = None
-
-    def add(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view.nbytes:
-            take = min(self.chunk_bytes - self._filled, view.nbytes)
-            self._pieces.append(view[:take])
-            self._filled += take
-            view = view[take:]
-            if self._filled == self.chunk_bytes:
-                self._end_chunk()
-
-    def _end_chunk(self) -> None:
-        pieces, self._pieces, self._filled = self._pieces, [], 0
-        if self.pool is not None:
-            self._digests.append(self.pool.submit(_sha256_of, pieces))
-        else:
-            done: Future[bytes] = Future()
-            done.set_result(_sha256_of(pieces))
-            self._digests.append(done)
-
-    def close(self) -> None:
-        """No more bytes: the last, shorter chunk is submitted."""
-        if self._filled:
-            self._end_chunk()
-        self._pieces = None  # add() after close() fails
-
-    def result(self) -> str:
-        """The header value (closes the digest first; waits for the chunks still hashing)."""
-        if self._value is None:
-            if self._pieces is not None:
-                self.close()
-            joined = b"".join(f.result() for f in self._digests)
-            self._value = f"{self.chunk_bytes}:{hashlib.sha256(joined).hexdigest()}"
-        return self._value
-
-
-def _sha256_of(pieces: list[memoryview]) -> bytes:
-    digest = hashlib.sha256()
-    for piece in pieces:
-        digest.update(piece)  # releases the GIL (buffers over 2 KiB)
-    return digest.digest()
-
-
-class Blake3Digest:
-    """The ``X-Weights-BLAKE3`` header of a body whose bytes are handed over in order (``add``): the BLAKE3
-    of the whole body, 64 hexadecimal digits.
-
-    BLAKE3 is one sequential stream (unlike :class:`ChunkedSha256`, whose chunks are independent), so the
-    bytes are hashed in the order they are added, by ``thread`` (an executor of ONE thread, which keeps
-    them in order; None: in the calling thread) as soon as they are added; BLAKE3 itself spreads each large
-    buffer over the cores. The buffers added are read in place, later: they must not change until
-    :meth:`result` has returned."""
-
-    name = "blake3"
-    """The digest's name in ``GET /weights``' ``digests``."""
-
-    def __init__(self, thread: Executor | None):
-        self.thread = thread
-        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self._pending: list[Future[None]] = []
-        self._closed = False
-        self._value: str | None = None
-
-    def add(self, data: bytes | memoryview) -> None:
-        if self._closed:
-            raise RuntimeError("add() after close()")
-        view = memoryview(data).cast("B")
-        if self.thread is None:
-            self._hasher.update(view)
-        else:
-            self._pending.append(self.thread.submit(self._hasher.update, view))  # releases the GIL
-
-    def close(self) -> None:
-        """No more bytes."""
-        self._closed = True
-
-    def result(self) -> str:
-        """The header value (closes the digest first; waits for the bytes still being hashed)."""
-        if self._value is None:
-            self.close()
-            for done in self._pending:
-                done.result()  # in order; raises what the hashing raised
-            self._pending = []
-            self._value = self._hasher.hexdigest()
-        return self._value
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
@@ -543,7 +371,10 @@ class GeneratorClient:
 
     def weights_spec(self, retries: int | None = None) -> WeightsSpec:
         """``GET /weights``: the served version and the tensor names, shapes and dtypes a push must hold."""
-        return WeightsSpec.model_validate(self._request("GET", "/weights", retries=retries).json())
+        spec = self._request("GET", "/weights", retries=retries).json()
+        if isinstance(spec, dict):  # a server older than `digests` checks these
+            spec.setdefault("digests", list(LEGACY_DIGESTS))
+        return WeightsSpec.model_validate(spec)
 
     def push_weights_file(self, path: str | Path, version: int, sha256: str | None = None) -> WeightsUpdate:
         """``PUT /weights?version=V``: stream a safetensors file, its SHA-256 in ``X-Weights-SHA256``."""
@@ -552,7 +383,7 @@ class GeneratorClient:
         headers = {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(size),
-            "X-Weights-SHA256": sha256 or sha256_file(path),
+            SHA256_HEADER: sha256 or sha256_file(path),
         }
         response = self._request(
             "PUT",
@@ -590,11 +421,11 @@ class GeneratorClient:
             chunked_sha256 = body.chunked_sha256()
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(body.nbytes)}
         if sha256 is not None:
-            headers["X-Weights-SHA256"] = sha256
+            headers[SHA256_HEADER] = sha256
         if chunked_sha256 is not None:
-            headers["X-Weights-Chunked-SHA256"] = chunked_sha256
+            headers[CHUNKED_SHA256_HEADER] = chunked_sha256
         if blake3 is not None:
-            headers["X-Weights-BLAKE3"] = blake3
+            headers[BLAKE3_HEADER] = blake3
         response = self._request(
             "PUT", "/weights", params={"version": version}, headers=headers, content=body.chunks
         )
@@ -610,13 +441,15 @@ class GeneratorClient:
         """``POST /weights/ipc/begin``: open a transfer session for ``version`` (the whole manifest is
         checked first); returns the session id."""
         body = {"version": version, "host_id": host_id, "gpu_uuid": gpu_uuid, "tensors": tensors}
-        return self._request("POST", "/weights/ipc/begin", json=body).json()["session"]
+        answer = self._request("POST", "/weights/ipc/begin", json=body).json()
+        return IpcBeginResponse.model_validate(answer).session
 
     def ipc_bucket(self, session: str, handle: dict, tensors: list[dict]) -> int:
         """``POST /weights/ipc/{session}/bucket``: the server loads the bucket's tensors and lets go of the
         buffer before it answers. Returns the number of tensors received so far."""
         body = {"handle": handle, "tensors": tensors}
-        return self._request("POST", f"/weights/ipc/{session}/bucket", json=body).json()["tensors_received"]
+        answer = self._request("POST", f"/weights/ipc/{session}/bucket", json=body).json()
+        return IpcBucketResponse.model_validate(answer).tensors_received
 
     def ipc_commit(self, session: str) -> WeightsUpdate:
         """``POST /weights/ipc/{session}/commit``: serve the new version (every tensor must have arrived)."""
@@ -634,7 +467,8 @@ class GeneratorClient:
         body = {"version": version, "bytes": nbytes}
         if blake3_hex is not None:
             body["blake3"] = blake3_hex
-        return self._request("POST", "/weights/stream/begin", json=body).json()
+        answer = self._request("POST", "/weights/stream/begin", json=body).json()
+        return StreamBeginResponse.model_validate(answer).model_dump()
 
     def stream_commit(self, session: str, blake3_hex: str | None = None) -> WeightsUpdate:
         """``POST /weights/stream/{session}/commit``: wait for the body, check it (against ``blake3_hex``

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from generator_server.gguf_model import resolve_model
-from trainer_client.client import Completion, GenerateResponse, PromptResult
+from online_dpo_protocol.models import Completion, GenerateRequest, GenerateResponse, PromptResult
 
 
 class ColocateError(RuntimeError):
@@ -295,25 +295,34 @@ class ColocatedEngine:
         logprobs: bool = False,
         ignore_eos: bool = False,
     ) -> GenerateResponse:
-        """The server's ``POST /generate``, answered in process (same arguments, same response)."""
+        """The server's ``POST /generate``, answered in process: the same arguments, checked by the same
+        model (``GenerateRequest``: a ValueError naming the field where the server answers 422), and the
+        same response."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts or prompt_token_ids")
+        request = GenerateRequest(
+            prompts=None if prompts is None else list(prompts),
+            prompt_token_ids=None if prompt_token_ids is None else [list(ids) for ids in prompt_token_ids],
+            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_tokens=min_tokens, stop=None if stop is None else list(stop), seed=seed, logprobs=logprobs,
+            ignore_eos=ignore_eos,
+        )  # fmt: skip
+        if request.prompts is not None:
+            inputs: list = request.prompts
+        else:
+            inputs = [{"prompt_token_ids": ids} for ids in request.prompt_token_ids]
         import torch
         from vllm import SamplingParams
 
-        if (prompts is None) == (prompt_token_ids is None):
-            raise ValueError("pass exactly one of prompts or prompt_token_ids")
-        if prompts is not None:
-            inputs: list = list(prompts)
-        else:
-            inputs = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
         with self._lock:
             _init_omp_threads()
-            if seed is None:
-                seed = self._seeds.randrange(2**31)
+            seed = self._seeds.randrange(2**31) if request.seed is None else request.seed
             params = SamplingParams(
-                n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                top_k=max(top_k, 0),  # 0 = off in vLLM >= 0.9 (-1 in the HTTP contract)
-                min_tokens=min_tokens, stop=stop, seed=seed, ignore_eos=ignore_eos,
-                logprobs=0 if logprobs else None,
+                n=request.n, max_tokens=request.max_tokens, temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=max(request.top_k, 0),  # 0 = off in vLLM >= 0.9 (-1 in the HTTP contract)
+                min_tokens=request.min_tokens, stop=request.stop, seed=seed, ignore_eos=request.ignore_eos,
+                logprobs=0 if request.logprobs else None,
             )  # fmt: skip
             self._wake()
             # vLLM's sampler draws from torch's global generator even for seeded requests; in this process

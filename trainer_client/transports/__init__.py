@@ -23,10 +23,9 @@ name       how                                          when
 
 from __future__ import annotations
 
-from trainer_client.client import GeneratorClient, PushTarget
+from online_dpo_protocol import TRANSPORTS, PushTarget
+from trainer_client.client import GeneratorClient
 from trainer_client.transports.base import TransportError, WeightTransport
-
-TRANSPORTS = ("http", "shared", "ipc", "stream")
 
 
 def choose_transport(requested: str, target: PushTarget, device: str) -> str:

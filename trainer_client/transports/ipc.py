@@ -12,31 +12,18 @@ pauses generation, and serves the new version only once every tensor has arrived
 from __future__ import annotations
 
 import base64
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from online_dpo_protocol import host_id
 from trainer_client.client import GeneratorClient, GeneratorError, StaleVersionError
 from trainer_client.transports.base import TransportError, served_dtype
 
 ALIGN = 256
 """Byte alignment of each tensor inside a bucket (any dtype's view is aligned; kernels stay vectorised)."""
-
-
-@functools.cache
-def host_id() -> str:
-    """This machine's identity as CUDA IPC sees it: the kernel's boot id (containers on one
-    host share it)."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        import socket
-
-        return socket.gethostname()
 
 
 def local_gpu(device: str) -> tuple[str, str] | None:
