@@ -23,7 +23,14 @@ from trainer_client.client import Completion
 from trainer_client.config import ConfigError, TrainConfig, load_config
 from trainer_client.dpo import collate, token_logps
 from trainer_client.graphs import bucket
-from trainer_client.learner import Learner, NotFiniteError, check_finite, nonfinite, resolve_precision
+from trainer_client.learner import (
+    Learner,
+    NotFiniteError,
+    check_finite,
+    nonfinite,
+    pair_rows,
+    resolve_precision,
+)
 
 BF16_LOSS_TOLERANCE = 0.01
 """|loss bf16 - loss fp32| of one step on the pairs below (fp32: loss 0.666, margin h 1.13; measured 0.0015).
@@ -90,7 +97,8 @@ def test_precision_auto_and_config_keys():
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda:1") == "bf16"
     assert resolve_precision("fp32", "cuda") == "fp32"
     c = load_config(None, ["model=m"])
-    assert (c.precision, c.gradient_checkpointing, c.logprob_chunk_tokens) == ("auto", False, 0)
+    assert (c.precision, c.gradient_checkpointing, c.logprob_chunk_tokens) == ("auto", False, "auto")
+    assert load_config(None, ["model=m", "logprob_chunk_tokens=64"]).logprob_chunk_tokens == 64
     for bad, key in (("precision=fp16", "precision"), ("logprob_chunk_tokens=-1", "logprob_chunk_tokens")):
         with pytest.raises(ConfigError, match=key):
             load_config(None, ["model=m", bad])
@@ -186,7 +194,10 @@ def test_padded_step_same_as_unpadded(models, batch, micro_batch_size):
     """What ``cuda_graphs`` needs, micro-batches padded to a few shapes, changes no gradient and no statistic:
     padding pairs have weight 0 and no completion, padding tokens come after each sequence's end."""
     samples, _ = batch
-    plain, padded = (learner(models, micro_batch_size=micro_batch_size) for _ in range(2))
+    # (the plain lm_head path, which cuda_graphs's `logprob_chunk_tokens: auto` resolves to)
+    plain, padded = (
+        learner(models, micro_batch_size=micro_batch_size, logprob_chunk_tokens=0) for _ in range(2)
+    )
     padded.pad_shapes = True
     shapes = []
     padded.policy.register_forward_pre_hook(
@@ -289,7 +300,7 @@ def test_chunked_logps_same_values_and_gradients(models, chunk_tokens, masked):
 
 
 def test_chunked_learner_step_same_as_unchunked(models, batch):
-    plain = learner(models, micro_batch_size=2)
+    plain = learner(models, micro_batch_size=2, logprob_chunk_tokens=0)
     chunked = learner(models, micro_batch_size=2, logprob_chunk_tokens=5)
     a, b = plain.train_step(*batch), chunked.train_step(*batch)
     assert b.loss == pytest.approx(a.loss, abs=EXACT_TOLERANCE)
@@ -299,7 +310,7 @@ def test_chunked_learner_step_same_as_unchunked(models, batch):
 
 
 def test_bf16_with_checkpointing_and_chunks_same_as_bf16(models, batch):
-    plain = learner(models, precision="bf16", micro_batch_size=2)
+    plain = learner(models, precision="bf16", micro_batch_size=2, logprob_chunk_tokens=0)
     lean = learner(
         models, precision="bf16", micro_batch_size=2, gradient_checkpointing=True, logprob_chunk_tokens=5
     )
@@ -312,6 +323,30 @@ def test_bf16_with_checkpointing_and_chunks_same_as_bf16(models, batch):
     head, lean_head = ours.pop("lm_head.weight"), theirs.pop("lm_head.weight")
     torch.testing.assert_close(lean_head, head, rtol=0, atol=0.02 * head.abs().max().item())
     assert_same_grads(ours, theirs)
+
+
+def test_auto_chunks_take_the_lm_head_over_completions_only(models, batch):
+    """By default (`logprob_chunk_tokens: auto`) the lm_head runs over the completions' tokens only, in
+    chunks of at most 256 MiB of fp32 logits, with the plain path's loss and gradients; the plain path for a
+    model whose logits are transformed, and with cuda_graphs."""
+    from trainer_client.dpo import AUTO_CHUNK_LOGITS_BYTES, auto_chunk_tokens
+
+    plain, auto = learner(models, logprob_chunk_tokens=0), learner(models)
+    vocab = auto.policy.config.vocab_size
+    assert auto.policy_logps.chunk_tokens == max(64, AUTO_CHUNK_LOGITS_BYTES // (4 * vocab))
+    rows = []  # positions per lm_head call of the policy
+    auto.policy.lm_head.register_forward_hook(
+        lambda _module, _input, out: rows.append(out.shape[:-1].numel())
+    )
+    a, b = plain.train_step(*batch), auto.train_step(*batch)
+    samples, pairs = batch
+    completion_tokens = sum(len(c) + len(r) for _, c, r in pair_rows(samples, pairs))
+    assert rows == [completion_tokens]  # every completion token, no prompt's, no padding
+    assert b.loss == pytest.approx(a.loss, abs=EXACT_TOLERANCE)
+    assert b.grad_norm == pytest.approx(a.grad_norm, abs=EXACT_TOLERANCE)
+    assert_same_grads(grads(plain), grads(auto))
+    auto.policy.config.logit_scale = 0.5
+    assert auto_chunk_tokens(auto.policy) == 0
 
 
 def test_chunked_logps_refuse_a_transformed_lm_head(models):

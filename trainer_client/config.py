@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -194,10 +194,13 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute the policy's decoder layers in the backward pass instead of keeping their activations
     (transformers' own checkpointing): far less activation memory for about one more forward pass."""
-    logprob_chunk_tokens: int = Field(0, ge=0)
-    """Take the log-probabilities through the lm_head this many completion tokens at a time (recomputed in
-    the backward pass), so the fp32 logits of all tokens (tokens x vocabulary) never exist at once; 0 = all
-    tokens at once. For models whose logits are the lm_head's output (not Gemma 2/3's softcapping)."""
+    logprob_chunk_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """Take the log-probabilities through the lm_head for the completion tokens only, this many at a time
+    (with more than one chunk, recomputed in the backward pass), so the fp32 logits of all tokens (tokens x
+    vocabulary: 16 GB for 64 sequences of 1280 tokens and a 49k vocabulary) never exist at once; 0 = the
+    lm_head over every position at once. `auto`: chunks of at most 256 MiB of logits (1365 tokens for a 49k
+    vocabulary), or 0 with `cuda_graphs` (shapes read from the data) and for models whose logits are not
+    the lm_head's output (Gemma 2/3's softcapping), where an explicit number is refused."""
     cuda_graphs: bool = False
     """Record the policy's forward and backward of each micro-batch shape, and the reference's forward, as
     CUDA graphs and replay them (one process on a GPU). At online DPO's small shapes a step is bound by
@@ -279,7 +282,7 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.push == "shared" and not self.shared_dir:
             raise ValueError("push: shared needs shared_dir (a folder the server can read)")
-        if self.cuda_graphs and (self.gradient_checkpointing or self.logprob_chunk_tokens):
+        if self.cuda_graphs and (self.gradient_checkpointing or self.logprob_chunk_tokens not in (0, "auto")):
             raise ValueError(
                 "cuda_graphs: not with gradient_checkpointing or logprob_chunk_tokens (recomputation, and "
                 "shapes read from the data); turn those off or set cuda_graphs: false"

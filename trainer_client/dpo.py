@@ -64,33 +64,58 @@ def token_logps(
     return logps if mask is None else logps * mask
 
 
+AUTO_CHUNK_LOGITS_BYTES = 256 * 2**20
+"""``logprob_chunk_tokens: auto``: the fp32 logits of one chunk (tokens x vocabulary x 4 bytes) take at most
+this much memory (1365 tokens for a vocabulary of 49k, 524 for 128k)."""
+
+
+def logits_transform(model) -> str | None:
+    """The config key by which ``model``'s logits are more than its lm_head's output (Gemma 2/3's
+    softcapping, a logit scale), or None: the chunked log-probabilities need None."""
+    config = model.config.get_text_config()
+    for key, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
+        if getattr(config, key, neutral) not in (None, neutral):
+            return key
+    return None
+
+
+def auto_chunk_tokens(model) -> int:
+    """``logprob_chunk_tokens: auto`` for ``model``: chunks of at most ``AUTO_CHUNK_LOGITS_BYTES`` of fp32
+    logits, or 0 (the plain path) for a model whose logits are not its lm_head's output."""
+    if logits_transform(model) is not None:
+        return 0
+    vocab = model.config.get_text_config().vocab_size
+    return max(64, AUTO_CHUNK_LOGITS_BYTES // (4 * vocab))
+
+
 def chunked_token_logps(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None, chunk_tokens: int
 ) -> torch.Tensor:
     """:func:`token_logps` from the final hidden states, ``chunk_tokens`` tokens at a time through lm_head.
 
-    Only the N masked positions go through the lm_head, each chunk's (chunk, V) logits are freed as soon as
-    its log-probabilities are taken, and under autograd they are recomputed in the backward pass
-    (activation checkpointing of the lm_head) instead of kept: peak memory chunk x V instead of B x T x V,
-    for one more lm_head forward. Needs a model whose logits are its lm_head's output."""
-    config = model.config.get_text_config()
-    for key, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
-        if getattr(config, key, neutral) not in (None, neutral):
-            raise ValueError(
-                f"logprob_chunk_tokens: {type(model).__name__} transforms the lm_head's output ({key}); "
-                "set logprob_chunk_tokens: 0"
-            )
-    hidden = model.base_model(
+    Only the N masked positions go through the lm_head (the prompt's and the padding's logits are never
+    computed), and each chunk's (chunk, V) logits are freed as soon as its log-probabilities are taken:
+    with more than one chunk, under autograd, they are recomputed in the backward pass (activation
+    checkpointing of the lm_head) instead of kept, for one more lm_head forward over the completions. Peak
+    memory chunk x V instead of B x T x V. Needs a model whose logits are its lm_head's output."""
+    key = logits_transform(model)
+    if key is not None:
+        raise ValueError(
+            f"logprob_chunk_tokens: {type(model).__name__} transforms the lm_head's output ({key}); "
+            "set logprob_chunk_tokens: 0"
+        )
+    hidden = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state  # (B, T, H)
     wanted = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask != 0  # (B, T)
     where = wanted[:, 1:]  # (B, T-1): token t is predicted from the hidden state at t-1
     states, targets = hidden[:, :-1][where], input_ids[:, 1:][where]  # (N, H), (N,)
     lm_head = model.get_output_embeddings()
+    recompute = torch.is_grad_enabled() and len(targets) > chunk_tokens  # one chunk: keep its logits
     parts = []
     for i in range(0, len(targets), chunk_tokens):
         chunk = (lm_head, states[i : i + chunk_tokens], targets[i : i + chunk_tokens])
-        if torch.is_grad_enabled():
+        if recompute:
             parts.append(checkpoint(_head_logps, *chunk, use_reentrant=False))  # (chunk,)
         else:
             parts.append(_head_logps(*chunk))

@@ -45,7 +45,7 @@ from generator_server.gguf_model import resolve_model
 from trainer_client import checkpoint, distributed
 from trainer_client.config import TrainConfig
 from trainer_client.distributed import DistributedError, Ranks
-from trainer_client.dpo import collate, dpo_loss, token_logps
+from trainer_client.dpo import auto_chunk_tokens, collate, dpo_loss, token_logps
 from trainer_client.graphs import CudaGraphs, bucket
 
 if TYPE_CHECKING:
@@ -214,8 +214,11 @@ class Learner:
         on_gpu = torch.device(self.device).type == "cuda"
         self.side_stream = torch.cuda.Stream(self.device) if on_gpu and not ranks else None
         """The CUDA stream ``reference_pair_logps`` runs on, beside the step's (one process on a GPU)."""
-        self.policy_logps = LogProbs(self.policy, c.logprob_chunk_tokens)
-        self.reference_logps = LogProbs(self.reference, c.logprob_chunk_tokens)
+        chunk = c.logprob_chunk_tokens
+        if chunk == "auto":
+            chunk = 0 if c.cuda_graphs else auto_chunk_tokens(self.policy)
+        self.policy_logps = LogProbs(self.policy, chunk)
+        self.reference_logps = LogProbs(self.reference, chunk)
         if ranks:
             compute = torch.bfloat16 if self.precision == "bf16" else None
             for model, root in ((self.policy, self.policy_logps), (self.reference, self.reference_logps)):
