@@ -69,7 +69,9 @@ class FakeServer:
                 return httpx.Response(409, json={"detail": f"version {version} <= {self.version}"})
             self.version = version
             self.pushes.append(version)
-            return httpx.Response(200, json={"weights_version": version, "bytes": len(request.content)})
+            return httpx.Response(
+                200, json={"weights_version": version, "bytes": len(request.content), "load_seconds": 0.0}
+            )
         if path == "/generate":
             body = json.loads(request.content)
             self.requests.append(body)

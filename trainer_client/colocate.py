@@ -36,7 +36,7 @@ log-softmax at temperature 1, before top-p/top-k), ``finish_reason`` ``stop`` or
 version of the weights that produced the batch.
 
 :class:`ColocatedBackend` wraps the engine as the training loop's generation backend
-(``trainer_client.backends.GenerationBackend``). It relies on long-standing public vLLM APIs (``LLM``,
+(``trainer_client.generation.GenerationBackend``). It relies on long-standing public vLLM APIs (``LLM``,
 ``SamplingParams``, ``LLM.collective_rpc`` with a callable, ``sleep``/``wake_up``, ``reset_prefix_cache``)
 and fails with a clear message where one is missing; the in-place ``reload_weights`` is used where the
 worker has it. Tested with vLLM 0.32 on CPU; the GPU path (sleep mode, vLLM 0.26) is not tested here.
@@ -58,6 +58,7 @@ from typing import Any
 
 from generator_server.gguf_model import resolve_model
 from online_dpo_protocol.models import Completion, GenerateRequest, GenerateResponse, PromptResult
+from trainer_client.generation import GenerationBatch
 
 
 class ColocateError(RuntimeError):
@@ -442,7 +443,7 @@ def local_engine(model: str | Path, config) -> Iterator[ColocatedEngine]:
 # The training loop's backend
 # ---------------------------------------------------------------------------------------------------------
 class ColocatedBackend:
-    """``mode: colocate``: the :class:`~trainer_client.backends.GenerationBackend` of an in-process engine.
+    """``mode: colocate``: the :class:`~trainer_client.generation.GenerationBackend` of an in-process engine.
 
     The loop is the same as in server mode: its producer thread calls :meth:`generate` while the training
     thread trains, and its pusher thread calls :meth:`push` after every step, here a copy in memory."""
@@ -462,8 +463,6 @@ class ColocatedBackend:
         return self.engine.weights_version
 
     def generate(self, prompts, n, max_tokens, temperature, seed, top_p=1.0, stop=None, logprobs=False):
-        from trainer_client.backends import GenerationBatch
-
         out = self.engine.generate(
             prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
             seed=seed, logprobs=logprobs,

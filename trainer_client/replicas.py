@@ -1,8 +1,8 @@
 """Several generation replicas behind one backend: one trainer, N servers serving the same model.
 
 ``server_url: [http://a:8000, http://b:8000]`` makes ``make_backend`` (backends.py) build a
-:class:`ReplicaSetBackend` over one :class:`~trainer_client.backends.ServerBackend` per URL. To the loop it
-is one backend (the ``GenerationBackend`` protocol); inside:
+:class:`ReplicaSetBackend` over one :class:`~trainer_client.server_backend.ServerBackend` per URL. To the
+loop it is one backend (the ``GenerationBackend`` protocol); inside:
 
 * **Split.** A batch is cut into one contiguous block of prompts per live replica, so each replica gets one
   ``POST /generate`` per batch, all sent at once (threads), and the answers are put back in prompt order.
@@ -45,8 +45,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from trainer_client.backends import GenerationBatch, ServerBackend
 from trainer_client.client import GeneratorError, GeneratorHTTPError, GeneratorUnavailable
+from trainer_client.generation import GenerationBatch, IncompatibleServerError
+from trainer_client.server_backend import ServerBackend
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,6 @@ class ReplicaSetBackend:
         specs, errors = self._each(self.replicas, lambda r: r.backend.weights_spec())
         for r, e in errors.items():
             raise GeneratorError(f"generation replica {r.url}: {_describe(e)}") from e
-        from trainer_client.train import IncompatibleServerError  # (train.py imports this module's caller)
-
         first = self.replicas[0]
         tensors = specs[first][1]
         for r in self.replicas[1:]:

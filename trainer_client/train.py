@@ -39,12 +39,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from trainer_client.backends import GenerationBackend, GenerationBatch, make_backend
+from trainer_client.backends import make_backend
 from trainer_client.checkpoint import checkpoint_dir
 from trainer_client.client import Completion
 from trainer_client.config import TrainConfig
 from trainer_client.dpo import apply_missing_eos_penalty, build_pairs
 from trainer_client.evaluate import EVAL_REQUEST_PROMPTS
+from trainer_client.generation import GenerationBackend, GenerationBatch, IncompatibleServerError
 from trainer_client.learner import Learner, NotFiniteError, StepStats
 from trainer_client.metrics_log import METRICS_FILE, MetricsLog
 from trainer_client.replicas import replica_metrics
@@ -54,10 +55,6 @@ from trainer_client.workers import Batch, Producer, Pusher
 
 __all__ = ["METRICS_FILE", "IncompatibleServerError", "NotFiniteError", "run_training"]
 log = logging.getLogger("trainer_client")
-
-
-class IncompatibleServerError(RuntimeError):
-    """The server serves a model whose tensor names or shapes differ from the policy's."""
 
 
 def sampling_params(c: TrainConfig, task) -> dict:

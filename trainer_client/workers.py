@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from trainer_client.backends import GenerationBackend, GenerationBatch
 from trainer_client.config import TrainConfig
+from trainer_client.generation import GenerationBackend, GenerationBatch
 
 log = logging.getLogger("trainer_client")
 
