@@ -155,14 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work_dir
     model_dir = build_model(args.size, "float32", work / "models")  # the trainer's policy is fp32
     task = write_prompts(work / "async_vs_sync" / "prompts.jsonl")
-    options = ServerOptions(
-        dtype=dtype,
-        enforce_eager=args.enforce_eager,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-        checkpoint_root=work / "async_vs_sync" / "shared",
-        extra=tuple(args.server_args),
+    options = ServerOptions.from_args(
+        args, dtype, checkpoint_root=work / "async_vs_sync" / "shared", extra=tuple(args.server_args)
     )
     staleness_values = [int(s) for s in args.staleness.split(",")]
     transports = args.push.split(",")

@@ -170,13 +170,7 @@ def run_mode(mode: str, args, model_dir: Path, task_file: Path, work: Path) -> d
     with MemorySampler(args.interval, gpu=args.device.startswith("cuda")) as sampler:
         with contextlib.ExitStack() as stack:
             if mode == "server":
-                options = ServerOptions(
-                    dtype=args.dtype,
-                    enforce_eager=args.enforce_eager,
-                    gpu_memory_utilization=args.gpu_memory_utilization,
-                    max_model_len=args.max_model_len,
-                    seed=args.seed,
-                )
+                options = ServerOptions.from_args(args, args.dtype)
                 server = stack.enter_context(running_server(model_dir, options, out_dir / "server.log"))
                 sampler.watch(server.proc.pid)
                 config["server_url"] = server.url

@@ -1,5 +1,6 @@
-"""Shared helpers for the benchmarks in ``bench/``: models of a given size, the server process,
-prompts, the machine description and result files.
+"""Shared helpers for the benchmarks in ``bench/``: models of a given size, the server process (started by
+the project's one launcher, ``trainer_client.local_server``), prompts, the machine description and result
+files.
 
 Every benchmark builds its model with the project's own code (``generator_server/tiny_model.py``), so it
 runs anywhere without downloads: a GPU machine builds a 1B Llama the same way CI builds a tiny one.
@@ -15,7 +16,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,9 +26,8 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-import httpx
-
 from generator_server.tiny_model import TinyModelSpec, bundled_corpus, save_llama, train_bpe_tokenizer
+from trainer_client.local_server import ServerProcess, free_port, launched, server_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK_DIR = REPO_ROOT / "runs" / "bench"
@@ -192,12 +191,6 @@ def random_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int
 # ---------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def child_env() -> dict[str, str]:
     """The environment for child processes: this repo importable, a small CPU KV cache if no GPU."""
     env = dict(os.environ)
@@ -221,6 +214,15 @@ class ServerOptions:
     extra: tuple[str, ...] = ()
     """Any other server flags, as given on its command line."""
 
+    @classmethod
+    def from_args(cls, args, dtype: str, **more) -> ServerOptions:
+        """The options the flags of :func:`add_common_args` ask for (and ``--gpu-memory-utilization``,
+        where the benchmark has it), in ``dtype``; ``more`` sets the other fields."""
+        return cls(
+            dtype=dtype, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len, seed=args.seed,
+            gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None), **more,
+        )  # fmt: skip
+
     def flags(self) -> list[str]:
         flags = ["--dtype", self.dtype, "--seed", str(self.seed), *self.extra]
         if self.enforce_eager:
@@ -238,63 +240,18 @@ class ServerOptions:
         return flags
 
 
-@dataclass
-class RunningProcess:
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-    start_seconds: float
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
-    """SIGTERM the child (uvicorn shuts the engine down), then SIGKILL its own process group if stuck."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            print(f"process {proc.pid} did not stop in {grace:.0f} s; killing its process group", flush=True)
-    # The engine's workers are in the child's process group (start_new_session=True): end any left over.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+RunningProcess = ServerProcess
+"""A started server or sink: ``url``, ``proc``, ``log_path``, ``start_seconds``."""
 
 
 @contextlib.contextmanager
-def _running(cmd: list[str], url: str, log_path: Path, ready_path: str, timeout: float):
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+def _running(cmd: list[str], url: str, log_path: Path, timeout: float):
     # The child has a session of its own (a Ctrl-C here does not reach it), so a benchmark ended by SIGTERM
     # (`timeout`, a scheduler) must stop it itself: a server left running holds its share of the GPU.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True
-        )
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{cmd[2]} exited with {proc.returncode}; log tail:\n{_log_tail(log_path)}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + ready_path, timeout=5).status_code == 200:
-                    break
-            if time.perf_counter() - started > timeout:
-                raise TimeoutError(
-                    f"{cmd[2]} not ready after {timeout:.0f} s; log tail:\n{_log_tail(log_path)}"
-                )
-            time.sleep(0.5)
-        yield RunningProcess(url, proc, log_path, time.perf_counter() - started)
-    finally:
-        _stop(proc)
+    with launched(cmd, url, child_env(), log_path, timeout, grace=60.0) as process:
+        yield process
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -305,10 +262,9 @@ def _exit_on_sigterm(signum, frame) -> None:
 def running_server(model_dir: Path, options: ServerOptions, log_path: Path, timeout: float = 900.0):
     """Start ``python -m generator_server`` on a free port; yield once ``/health`` answers 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "generator_server", "--model", str(model_dir), "--port", str(port)]
-    cmd += options.flags()
+    cmd = server_command(model_dir, "--port", str(port), *options.flags())
     print(f"starting server: {' '.join(cmd[1:])} (log: {log_path})", flush=True)
-    with _running(cmd, f"http://127.0.0.1:{port}", log_path, "/health", timeout) as server:
+    with _running(cmd, f"http://127.0.0.1:{port}", log_path, timeout) as server:
         print(f"  server ready in {server.start_seconds:.1f} s", flush=True)
         yield server
 
@@ -318,7 +274,7 @@ def running_sink(out_file: Path, log_path: Path, timeout: float = 120.0):
     """Start ``bench/http_sink.py``: the same uvicorn + HTTP path as the server, writing bodies to disk."""
     port = free_port()
     cmd = [sys.executable, "-m", "bench.http_sink", "--port", str(port), "--out", str(out_file)]
-    with _running(cmd, f"http://127.0.0.1:{port}", log_path, "/health", timeout) as sink:
+    with _running(cmd, f"http://127.0.0.1:{port}", log_path, timeout) as sink:
         yield sink
 
 

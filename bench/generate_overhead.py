@@ -177,13 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = build_model(args.size, dtype, args.work_dir / "models")
     spec = SIZES[args.size]
     prompts = random_prompts(args.batch, args.prompt_len, spec.vocab_size, args.seed)
-    options = ServerOptions(
-        dtype=dtype,
-        enforce_eager=args.enforce_eager,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-    )
+    options = ServerOptions.from_args(args, dtype)
     with running_server(
         model_dir, options, args.work_dir / "logs" / "generate_overhead-server.log"
     ) as server:

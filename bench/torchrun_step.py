@@ -66,13 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work_dir / "torchrun_step"
     model_dir = build_model(args.size, "float32", args.work_dir / "models")
     task = write_prompts(work / "prompts.jsonl")
-    options = ServerOptions(
-        dtype=resolve_dtype(args.dtype),
-        enforce_eager=args.enforce_eager,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-    )
+    options = ServerOptions.from_args(args, resolve_dtype(args.dtype))
     launchers = {
         "1 process": [sys.executable, "-m", "trainer_client"],
         f"torchrun x{args.nproc}": [

@@ -142,13 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = SIZES[args.size]
     prompts = random_prompts(args.batch, args.prompt_len, spec.vocab_size, args.seed)
     expected = args.batch * args.n * args.max_tokens
-    options = ServerOptions(
-        dtype=dtype,
-        enforce_eager=args.enforce_eager,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-    )
+    options = ServerOptions.from_args(args, dtype)
     rounds: dict[str, list[dict]] = {"vllm_server": [], "transformers": []}
     log_path = args.work_dir / "logs" / "vllm_vs_transformers-server.log"
     with (

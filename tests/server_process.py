@@ -4,25 +4,30 @@
         httpx.get(f"{server.url}/health")
 
 The server starts with ``--enforce-eager --dtype float32`` (fast start; logprobs comparable with an fp32
-transformers model) and ``VLLM_CPU_KVCACHE_SPACE=1``; flags given later override these. It runs in its
-own process group, so stopping it also stops the vLLM engine processes it started.
+transformers model) and ``VLLM_CPU_KVCACHE_SPACE=1``; flags given later override these. It is started and
+stopped by the project's one launcher (``trainer_client.local_server.launched``): in its own process group,
+so stopping it also stops the vLLM engine processes it started.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from trainer_client.local_server import (  # noqa: F401  (free_port, stop_process_group: for the tests)
+    free_port,
+    launched,
+    log_tail,
+    server_command,
+    stop_process_group,
+)
 
 DEFAULT_ARGS = ("--enforce-eager", "--dtype", "float32")
 START_TIMEOUT_S = 720.0
@@ -57,14 +62,7 @@ class ServerHandle:
             )
 
     def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return log_tail(self.log_path, lines)
 
 
 def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
@@ -96,49 +94,6 @@ def running_server(
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     api_key = _flag_value(args, "--api-key") or full_env.get("GENERATOR_API_KEY")
     log_path = Path(tempfile.mkdtemp(prefix="generator-server-log-")) / "server.log"
-    cmd = [sys.executable, "-m", "generator_server", "--model", str(model_dir), *args]
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-        )
-    handle = ServerHandle(f"http://127.0.0.1:{port}", api_key, proc, log_path, 0.0)
-    try:
-        _wait_healthy(handle, timeout)
-        handle.start_seconds = time.monotonic() - started
-        yield handle
-    finally:
-        stop_process_group(proc)
-
-
-def _wait_healthy(handle: ServerHandle, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if handle.proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited with code {handle.proc.returncode} before it was healthy; log "
-                f"{handle.log_path}:\n{handle.log_tail()}"
-            )
-        try:
-            if httpx.get(f"{handle.url}/health", timeout=5.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server not healthy after {timeout:.0f} s; log:\n{handle.log_tail()}")
-        time.sleep(0.5)
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the process group, SIGKILL whatever is left after ``grace`` seconds."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:  # engine processes may outlive the server process
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    url = f"http://127.0.0.1:{port}"
+    with launched(server_command(model_dir, *args), url, full_env, log_path, timeout) as server:
+        yield ServerHandle(url, api_key, server.proc, log_path, server.start_seconds)

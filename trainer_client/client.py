@@ -24,7 +24,7 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,7 +234,48 @@ class SafetensorsBody:
 # ---------------------------------------------------------------------------------------------------------
 # Client
 # ---------------------------------------------------------------------------------------------------------
-class GeneratorClient:
+# ---------------------------------------------------------------------------------------------------------
+# generate: the arguments of POST /generate
+# ---------------------------------------------------------------------------------------------------------
+class GenerateApi:
+    """``generate`` with the arguments of ``POST /generate`` (``GenerateRequest``'s fields, with its
+    defaults), for the HTTP client and the colocated engine alike: each answers the request's body in
+    ``_generate``."""
+
+    def generate(
+        self,
+        prompts: Sequence[str] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        n: int = 1,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        min_tokens: int = 0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        ignore_eos: bool = False,
+    ) -> GenerateResponse:
+        """``POST /generate`` for exactly one of ``prompts`` or ``prompt_token_ids``."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts or prompt_token_ids")
+        body: dict[str, Any] = dict(
+            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_tokens=min_tokens, stop=None if stop is None else list(stop), seed=seed, logprobs=logprobs,
+            ignore_eos=ignore_eos,
+        )  # fmt: skip
+        if prompts is not None:
+            body["prompts"] = list(prompts)
+        else:
+            body["prompt_token_ids"] = [list(ids) for ids in prompt_token_ids]
+        return self._generate(body)
+
+    def _generate(self, body: dict[str, Any]) -> GenerateResponse:
+        raise NotImplementedError
+
+
+class GeneratorClient(GenerateApi):
     """Client of one generation server.
 
     Args:
@@ -341,32 +382,8 @@ class GeneratorClient:
                     raise
                 time.sleep(poll)
 
-    def generate(
-        self,
-        prompts: list[str] | None = None,
-        prompt_token_ids: list[list[int]] | None = None,
-        n: int = 1,
-        max_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = -1,
-        min_tokens: int = 0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        ignore_eos: bool = False,
-    ) -> GenerateResponse:
-        """``POST /generate`` for exactly one of ``prompts`` or ``prompt_token_ids``."""
-        if (prompts is None) == (prompt_token_ids is None):
-            raise ValueError("pass exactly one of prompts or prompt_token_ids")
-        body: dict[str, Any] = dict(
-            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_tokens=min_tokens, stop=stop, seed=seed, logprobs=logprobs, ignore_eos=ignore_eos,
-        )  # fmt: skip
-        if prompts is not None:
-            body["prompts"] = list(prompts)
-        else:
-            body["prompt_token_ids"] = [list(ids) for ids in prompt_token_ids]
+    def _generate(self, body: dict[str, Any]) -> GenerateResponse:
+        """``POST /generate`` (see :meth:`GenerateApi.generate`): the server checks the body."""
         return GenerateResponse.model_validate(self._request("POST", "/generate", json=body).json())
 
     def weights_spec(self, retries: int | None = None) -> WeightsSpec:

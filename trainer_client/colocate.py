@@ -58,6 +58,7 @@ from typing import Any
 
 from generator_server.gguf_model import resolve_model
 from online_dpo_protocol.models import Completion, GenerateRequest, GenerateResponse, PromptResult
+from trainer_client.client import GenerateApi
 from trainer_client.generation import GenerationBatch
 
 
@@ -211,7 +212,7 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 # ---------------------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------------------
-class ColocatedEngine:
+class ColocatedEngine(GenerateApi):
     """A vLLM engine in this process that generates like the server's ``/generate`` and takes new weights
     from a ``state_dict`` in memory. Thread-safe: calls are serialised by a lock."""
 
@@ -281,33 +282,11 @@ class ColocatedEngine:
         return self._asleep
 
     # --- generation ------------------------------------------------------------------------------------
-    def generate(
-        self,
-        prompts: Sequence[str] | None = None,
-        prompt_token_ids: Sequence[Sequence[int]] | None = None,
-        n: int = 1,
-        max_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = -1,
-        min_tokens: int = 0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        ignore_eos: bool = False,
-    ) -> GenerateResponse:
-        """The server's ``POST /generate``, answered in process: the same arguments, checked by the same
-        model (``GenerateRequest``: a ValueError naming the field where the server answers 422), and the
-        same response."""
-        if (prompts is None) == (prompt_token_ids is None):
-            raise ValueError("pass exactly one of prompts or prompt_token_ids")
-        request = GenerateRequest(
-            prompts=None if prompts is None else list(prompts),
-            prompt_token_ids=None if prompt_token_ids is None else [list(ids) for ids in prompt_token_ids],
-            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_tokens=min_tokens, stop=None if stop is None else list(stop), seed=seed, logprobs=logprobs,
-            ignore_eos=ignore_eos,
-        )  # fmt: skip
+    def _generate(self, body: dict[str, Any]) -> GenerateResponse:
+        """The server's ``POST /generate``, answered in process (``generate``, from :class:`GenerateApi`:
+        the client's arguments): the body checked by the same model (``GenerateRequest``: a ValueError
+        naming the field where the server answers 422), and the same response."""
+        request = GenerateRequest.model_validate(body)
         if request.prompts is not None:
             inputs: list = request.prompts
         else:
@@ -340,7 +319,7 @@ class ColocatedEngine:
                 if c.finish_reason not in ("stop", "length"):  # as the server, which answers 503
                     raise ColocateError(f"generation ended early ({c.finish_reason})")
                 lps = None
-                if logprobs:  # one {token id: Logprob} per step, holding (at least) the sampled token
+                if request.logprobs:  # one {token id: Logprob} per step, holding (at least) the sampled token
                     lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
                 completions.append(
                     Completion(
@@ -467,12 +446,7 @@ class ColocatedBackend:
             prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
             seed=seed, logprobs=logprobs,
         )  # fmt: skip
-        return GenerationBatch(
-            weights_version=out.weights_version,
-            prompts=list(prompts),
-            prompt_token_ids=[r.prompt_token_ids for r in out.results],
-            completions=[r.completions for r in out.results],
-        )
+        return GenerationBatch.answered(prompts, out)
 
     @property
     def max_pending(self) -> int:

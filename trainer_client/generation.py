@@ -11,11 +11,11 @@ picks one from the trainer's config.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from online_dpo_protocol.models import Completion
+from online_dpo_protocol.models import Completion, GenerateResponse
 
 
 class IncompatibleServerError(RuntimeError):
@@ -43,6 +43,18 @@ class GenerationBatch:
     """Several replicas: per server URL, what it did for this batch: ``prompts``, ``tokens`` (completion
     tokens), ``seconds`` (its requests' time), ``version`` (the lowest it answered with), and ``failed``
     (requests that failed and went to the others) where any did. None for one server."""
+
+    @classmethod
+    def answered(cls, prompts: Sequence[str], response: GenerateResponse) -> GenerationBatch:
+        """The batch that ``response`` (of ``POST /generate``, or the colocated engine's) holds for
+        ``prompts``, with the server's account of its time where it gives one."""
+        return cls(
+            weights_version=response.weights_version,
+            prompts=list(prompts),
+            prompt_token_ids=[r.prompt_token_ids for r in response.results],
+            completions=[r.completions for r in response.results],
+            server_timing=response.timing.model_dump() if response.timing is not None else None,
+        )
 
 
 class GenerationBackend(Protocol):

@@ -1,10 +1,12 @@
-"""Start a generation server as a child process for the length of a ``with`` block.
+"""Start a generation server as a child process for the length of a ``with`` block: the one launcher.
 
     with local_server("models/starter", log_path="runs/demo/server.log") as url:
         ...  # talk to the server at url
 
-Used by ``trainer-client demo`` and by ``trainer-client eval`` when no ``--server-url`` is given. The
-server runs in its own process group, so stopping it also stops the vLLM engine processes it spawned.
+``local_server`` is what ``trainer-client demo`` and ``trainer-client eval`` (without ``--server-url``) use;
+the tests (tests/server_process.py) and the benchmarks (bench/common.py) start their servers, and any other
+HTTP child, with :func:`launched`, which it is built on. A child runs in its own process group, so stopping
+it also stops the vLLM engine processes it spawned.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from trainer_client.client import GeneratorClient, GeneratorUnavailable
+import httpx
 
 
 class ServerStartError(RuntimeError):
@@ -50,10 +53,97 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path | None, lines: int = 30) -> str:
+def log_tail(path: Path | None, lines: int = 30) -> str:
     if path is None or not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path | None
+    start_seconds: float = 0.0
+    """Seconds from launch until the ready route answered 200."""
+
+
+def server_command(model: str | Path, *args: str) -> list[str]:
+    """``python -m generator_server --model MODEL ARGS...`` (a flag given twice: the last one counts)."""
+    return [sys.executable, "-m", "generator_server", "--model", str(model), *args]
+
+
+@contextmanager
+def launched(
+    cmd: list[str],
+    url: str,
+    env: dict[str, str] | None = None,
+    log_path: str | Path | None = None,
+    timeout: float = 600.0,
+    ready_path: str = "/health",
+    grace: float = 20.0,
+) -> Iterator[ServerProcess]:
+    """Run ``cmd`` in a process group of its own, its output to ``log_path`` (default: discarded), with
+    ``env`` as its whole environment (default: this process's); yield once ``GET url + ready_path`` answers
+    200, and stop the group (:func:`stop_process_group`) when the block ends, however it ends. Raise
+    :class:`ServerStartError` with the end of the log if the process exits first or is not ready within
+    ``timeout`` seconds."""
+    log_path = Path(log_path) if log_path is not None else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    log_file = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    finally:
+        if log_path is not None:
+            log_file.close()  # (the child holds its own copy)
+    try:
+        _wait_ready(proc, url + ready_path, started, timeout, log_path)
+        yield ServerProcess(url, proc, log_path, time.monotonic() - started)
+    finally:
+        stop_process_group(proc, grace)
+
+
+def _wait_ready(
+    proc: subprocess.Popen, ready_url: str, started: float, timeout: float, log_path: Path | None
+) -> None:
+    args = list(proc.args)
+    name = args[2] if len(args) > 2 and args[1] == "-m" else str(args[0])  # (python -m NAME ...)
+    while True:
+        if proc.poll() is not None:
+            raise ServerStartError(
+                f"{name} exited with code {proc.returncode} before it was ready; log {log_path}:\n"
+                f"{log_tail(log_path)}"
+            )
+        try:
+            if httpx.get(ready_url, timeout=5.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() - started > timeout:
+            raise ServerStartError(
+                f"{name} not ready after {timeout:.0f} s; log {log_path}:\n{log_tail(log_path)}"
+            )
+        time.sleep(0.5)
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group of ``proc`` (uvicorn then shuts the engine down), SIGKILL whatever is left
+    after ``grace`` seconds (engine processes may outlive the server process itself)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 @contextmanager
@@ -74,61 +164,12 @@ def local_server(
     greedy outputs and log-probabilities match the trainer's fp32 copy.
     """
     port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "generator_server", "--model", str(model), "--port", str(port)]
-    cmd += ["--dtype", "float32", "--log-level", "warning", *extra_args]
+    args = ["--port", str(port), "--dtype", "float32", "--log-level", "warning", *extra_args]
     if enforce_eager:
-        cmd.append("--enforce-eager")
+        args.append("--enforce-eager")
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU; the demo's model needs little
     env.update(extra_env or {})
-    log_path = Path(log_path) if log_path is not None else None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "w") if log_path is not None else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        _wait_healthy(proc, url, startup_timeout, log_path)
-        yield url
-    finally:
-        _stop(proc)
-        if log_path is not None:
-            log_file.close()
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log_path: Path | None) -> None:
-    deadline = time.monotonic() + timeout
-    with GeneratorClient(url, timeout=10.0, max_retries=0) as client:
-        while True:
-            if proc.poll() is not None:
-                raise ServerStartError(
-                    f"generation server exited with code {proc.returncode} during start-up\n{_tail(log_path)}"
-                )
-            try:
-                client.health(retries=0)
-                return
-            except GeneratorUnavailable:
-                pass
-            if time.monotonic() > deadline:
-                raise ServerStartError(
-                    f"generation server not healthy after {timeout:.0f} s\n{_tail(log_path)}"
-                )
-            time.sleep(1.0)
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL whatever is left after ``grace`` seconds."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # engine processes may outlive the server process itself
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    url = f"http://127.0.0.1:{port}"
+    with launched(server_command(model, *args), url, env, log_path, startup_timeout) as server:
+        yield server.url

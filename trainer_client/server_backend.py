@@ -42,13 +42,7 @@ class ServerBackend:
             prompts=list(prompts), n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             stop=stop, seed=seed, logprobs=logprobs,
         )  # fmt: skip
-        return GenerationBatch(
-            weights_version=out.weights_version,
-            prompts=list(prompts),
-            prompt_token_ids=[r.prompt_token_ids for r in out.results],
-            completions=[r.completions for r in out.results],
-            server_timing=out.timing.model_dump() if out.timing is not None else None,
-        )
+        return GenerationBatch.answered(prompts, out)
 
     def _transport(self) -> WeightTransport:
         if self.transport is None:
