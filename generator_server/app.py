@@ -1,7 +1,8 @@
 """The FastAPI application: routes, error answers, and the engine's life cycle.
 
 The port opens at once and ``/health`` answers 503 while the engine starts in the background, so
-clients and orchestrators can poll it rather than wait on a closed port.
+clients and orchestrators can poll it rather than wait on a closed port; an engine that dies is replaced
+the same way (``supervisor.py``).
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator_server.config import ServerSettings
-from generator_server.engine import GenerationEngine
 from generator_server.errors import ApiError
 from generator_server.metrics import ServerMetrics
-from generator_server.openai_api import attach as attach_openai_api
 from generator_server.openai_api import starting as openai_starting
-from generator_server.routes import protected, router
+from generator_server.routes import engine_unavailable, protected, router
 from generator_server.routes_ipc import router as ipc_router
 from generator_server.routes_stream import router as stream_router
-from generator_server.stream import StreamReceiver
+from generator_server.supervisor import EngineSupervisor
 
 log = logging.getLogger("generator_server")
 
@@ -37,40 +36,11 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async def start_engine() -> None:
-            try:
-                engine = await GenerationEngine.start(settings, app.state.metrics)
-                try:
-                    await attach_openai_api(app, engine, settings)
-                except Exception as e:  # /generate and the reloads do not need them: serve without
-                    log.exception("the OpenAI-compatible /v1 endpoints could not start")
-                    app.state.openai_error = f"{type(e).__name__}: {e}"
-                except BaseException:
-                    engine.shutdown()
-                    raise
-                if settings.stream_port is not None:
-                    receiver = StreamReceiver(engine, settings.transfer_timeout)
-                    try:
-                        engine.stream_port = await receiver.start(settings.host, settings.stream_port)
-                    except BaseException:
-                        engine.shutdown()
-                        raise
-                    app.state.stream_receiver = receiver
-                    log.info("stream uploads on port %d", engine.stream_port)
-                app.state.engine = engine
-            except Exception as e:
-                log.exception("the engine could not start")
-                app.state.startup_error = f"{type(e).__name__}: {e}"
-                if on_fatal is not None:
-                    on_fatal()
-                return
-            log.info("engine ready: serving %s", settings.model)
-
-        starting = asyncio.create_task(start_engine())
+        supervising = asyncio.create_task(app.state.supervisor.run())
         try:
             yield
         finally:
-            starting.cancel()
+            supervising.cancel()
             if app.state.stream_receiver is not None:
                 await app.state.stream_receiver.close()
             if app.state.engine is not None:
@@ -83,6 +53,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     app.state.startup_error = None
     app.state.openai_error = None
     app.state.stream_receiver = None
+    app.state.supervisor = EngineSupervisor(app, settings, on_fatal)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(router)
     app.include_router(protected)
@@ -106,6 +77,12 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        engine = request.app.state.engine
+        if type(error).__name__ == "EngineDeadError" or (engine is not None and not engine.ready):
+            # the engine died under this request: say what killed it (the supervisor reads that within a
+            # few seconds, then starts a new engine), and that a retry will do
+            await request.app.state.supervisor.death_cause()
+            return JSONResponse({"detail": engine_unavailable(request.app)}, status_code=503)
         log.exception("%s %s failed", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
 

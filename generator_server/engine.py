@@ -249,11 +249,8 @@ class GenerationEngine:
             timing = GenerateTiming(
                 weights_wait_seconds=round(held - asked, 6), generate_seconds=round(done - held, 6)
             )
-            response = GenerateResponse(
-                weights_version=version,
-                results=[_prompt_result(out, request.logprobs) for out in outputs],
-                timing=timing,
-            )
+            results = await _prompt_results(outputs, request.logprobs)
+            response = GenerateResponse(weights_version=version, results=results, timing=timing)
             outcome = "ok"
         except ApiError as e:
             outcome = "rejected" if e.status_code < 500 else "error"
@@ -488,16 +485,41 @@ class GenerationEngine:
             await llm.resume_generation()
 
 
+SLICE = 32
+"""Requests handed to the engine, or answers built, between two turns of the event loop. Either costs the
+loop about 0.05-0.5 ms a prompt, and a whole batch of 2048 in one turn kept every other route (/health,
+/metrics) waiting for seconds on a loaded 2-core machine (bench/health_latency.py). Slices on the loop
+rather than a worker thread: a thread would hand the GIL back and forth with the loop, which is slower
+still when the process is short of CPU."""
+
+
 async def _all_or_nothing(coroutines: list) -> list:
-    """Run all at once (the engine batches them); if one fails, cancel the rest and raise."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    """Run all at once (the engine batches them); if one fails, cancel the rest and raise. They are started
+    ``SLICE`` at a time, with a turn of the event loop between slices."""
+    tasks: list[asyncio.Future] = []
     try:
+        for i, coroutine in enumerate(coroutines):
+            tasks.append(asyncio.ensure_future(coroutine))
+            if i % SLICE == SLICE - 1:
+                await asyncio.sleep(0)
         return await asyncio.gather(*tasks)
     except BaseException:
+        for coroutine in coroutines[len(tasks) :]:
+            coroutine.close()  # never started
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+async def _prompt_results(outputs: list, with_logprobs: bool) -> list[PromptResult]:
+    """The answer's results, ``SLICE`` prompts between two turns of the event loop."""
+    results = []
+    for i, output in enumerate(outputs):
+        results.append(_prompt_result(output, with_logprobs))
+        if i % SLICE == SLICE - 1:
+            await asyncio.sleep(0)
+    return results
 
 
 def _prompt_result(output, with_logprobs: bool) -> PromptResult:

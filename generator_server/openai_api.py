@@ -88,7 +88,10 @@ async def engine_starting(request: Request):
 async def attach(app: FastAPI, engine: GenerationEngine, settings: ServerSettings) -> None:
     """Bind vLLM's OpenAI serving layer to ``engine`` and serve its routes in place of the 503 stand-in."""
     routes = await asyncio.to_thread(importlib.import_module, "generator_server.openai_routes")
+    attached = getattr(app.state, "openai", None) is not None
     app.state.openai = routes.OpenAIServing.build(engine, settings)
+    if attached:  # a new engine after one died: the routes are there, now bound to it
+        return
     app.include_router(routes.router)
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != STARTING_PATH]
     app.openapi_schema = None  # FastAPI caches the schema: the next /openapi.json has the new routes

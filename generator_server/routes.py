@@ -24,6 +24,7 @@ from generator_server.schemas import (
 )
 from generator_server.weights import no_room
 from online_dpo_protocol.digests import CHUNKED_SHA256_PATTERN, HEX_DIGEST_PATTERN
+from online_dpo_protocol.models import HealthNotReady
 
 UNAUTHORIZED = {401: {"description": "missing or wrong API key (the server runs with --api-key)"}}
 NOT_READY = {503: {"description": "the engine is starting, broken, or holds no whole version (reason given)"}}
@@ -35,25 +36,45 @@ def get_engine(request: Request) -> GenerationEngine:
     """The engine, once it is ready (503 before)."""
     engine: GenerationEngine | None = request.app.state.engine
     if engine is None or not engine.ready:
-        reason = engine.broken if engine is not None and engine.broken else "the engine is starting"
-        raise ApiError(503, reason)
+        raise ApiError(503, engine_unavailable(request.app))
     return engine
+
+
+def engine_unavailable(app) -> str:
+    """Why no engine serves now, in words: broken, dead (and what killed it), or starting."""
+    engine: GenerationEngine | None = app.state.engine
+    supervisor = app.state.supervisor
+    if engine is not None and engine.broken:
+        return engine.broken
+    if supervisor.restarting or (engine is not None and engine.llm is not None and engine.llm.errored):
+        cause = supervisor.last_error or "a cause still being read"
+        return f"the engine died ({cause}); the server is starting a new one: retry"
+    return "the engine is starting"
 
 
 Engine = Annotated[GenerationEngine, Depends(get_engine)]
 
 
-@router.get("/health", response_model=HealthResponse, responses={503: {"description": "not ready yet"}})
-def health(request: Request):
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses={503: {"description": "no engine serves (yet, or again)", "model": HealthNotReady}},
+)
+async def health(request: Request):  # (async: answered on the event loop, no thread pool between)
     engine: GenerationEngine | None = request.app.state.engine
+    supervisor = request.app.state.supervisor
+    deaths = {"engine_restarts": supervisor.restarts, "last_engine_error": supervisor.last_error}
     if engine is None or not engine.ready:
-        status = "error" if request.app.state.startup_error or (engine and engine.broken) else "starting"
-        return JSONResponse({"status": status}, status_code=503)
+        broken = request.app.state.startup_error or (engine and engine.broken)
+        detail = request.app.state.startup_error or engine_unavailable(request.app)
+        body = HealthNotReady(status="error" if broken else "starting", detail=detail, **deaths)
+        return JSONResponse(body.model_dump(), status_code=503)
     return HealthResponse(
         model=request.app.state.settings.model,
         weights_version=engine.version,
         vllm_version=engine.vllm_version,
         device=engine.device,
+        **deaths,
     )
 
 
@@ -191,5 +212,5 @@ async def load_weights(body: LoadWeightsRequest, request: Request, engine: Engin
 
 
 @protected.get("/metrics", response_class=Response, responses=METRICS)
-def metrics(request: Request):
+async def metrics(request: Request):
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

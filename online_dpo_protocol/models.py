@@ -32,12 +32,32 @@ Int = Annotated[int, BeforeValidator(_integral)]
 
 
 # --- /health ----------------------------------------------------------------------------------------------
+ENGINE_RESTARTS = "Engines this server started after an earlier one died (0: none died)."
+LAST_ENGINE_ERROR = (
+    "Why the last engine that died died, e.g. 'the engine process EngineCore_DP0 (pid 1234) was killed by "
+    "SIGKILL from the kernel's out-of-memory killer' or the exception it raised; null if none died."
+)
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
     weights_version: int
     vllm_version: str
     device: Literal["cpu", "cuda"] | str
+    engine_restarts: int = Field(0, description=ENGINE_RESTARTS)
+    last_engine_error: str | None = Field(None, description=LAST_ENGINE_ERROR)
+
+
+class HealthNotReady(BaseModel):
+    """``GET /health`` with status 503: no engine serves (yet, or again)."""
+
+    status: Literal["starting", "error"] = Field(
+        description="'starting': an engine is starting (at first, or after one died); 'error': none can start"
+    )
+    detail: str | None = Field(None, description="Why not, in words (the cause of death when one died).")
+    engine_restarts: int = Field(0, description=ENGINE_RESTARTS)
+    last_engine_error: str | None = Field(None, description=LAST_ENGINE_ERROR)
 
 
 # --- /generate --------------------------------------------------------------------------------------------
@@ -296,3 +316,5 @@ ROUTES: dict[str, Route] = {
 }
 """The server's own routes (``/v1`` is vLLM's OpenAI-compatible API, with vLLM's models): what each takes and
 answers with."""
+OTHER_ANSWERS: dict[str, type[BaseModel]] = {"GET /health 503": HealthNotReady}
+"""Answers other than a route's 200 with a model of their own (the rest are ``{"detail": "..."}``)."""

@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 from generator_server.app import create_app
 from generator_server.config import ServerSettings
 from online_dpo_protocol import digests
-from online_dpo_protocol.models import ROUTES, GenerateRequest
+from online_dpo_protocol.models import OTHER_ANSWERS, ROUTES, GenerateRequest
 from trainer_client.client import GenerateApi, GeneratorClient
 from trainer_client.colocate import ColocatedEngine
 
@@ -48,6 +48,7 @@ def protocol_schemas() -> dict[str, dict]:
     for route in ROUTES.values():
         models += [(route.body, "validation")] if route.body else []
         models += [(route.answer, "serialization")] if route.answer else []
+    models += [(answer, "serialization") for answer in OTHER_ANSWERS.values()]
     _, top = models_json_schema(list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}")
     return without_null_defaults(top["$defs"])
 

@@ -20,7 +20,10 @@ def test_health_is_open_and_complete(server):
     response = httpx.get(f"{server.url}/health")  # no API key
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"status", "model", "weights_version", "vllm_version", "device"}
+    assert set(body) == {
+        "status", "model", "weights_version", "vllm_version", "device", "engine_restarts", "last_engine_error"
+    }  # fmt: skip
+    assert body["engine_restarts"] == 0 and body["last_engine_error"] is None  # (test_engine_restart.py)
     import torch
 
     expected_device = "cuda" if torch.cuda.is_available() else "cpu"

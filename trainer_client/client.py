@@ -305,6 +305,8 @@ class GeneratorClient(GenerateApi):
         self.base_url = base_url.rstrip("/")
         self.max_retries, self.backoff, self.backoff_max = max_retries, backoff, backoff_max
         self.restart_timeout = restart_timeout
+        self._last_unavailable: str | None = None
+        """The server's last 503 message (why it could not serve): repeated if it then stops answering."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -340,12 +342,15 @@ class GeneratorClient(GenerateApi):
             except httpx.TransportError as e:
                 problem = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 away = isinstance(e, (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError))
+                last = self._last_unavailable
+                said = f" (the server had said: {last})" if last else ""
                 error: Exception = GeneratorUnavailable(
-                    f"{method} {self.base_url}{path} failed after {attempt + 1} attempt(s): {problem}"
+                    f"{method} {self.base_url}{path} failed after {attempt + 1} attempt(s): {problem}{said}"
                 )
                 error.__cause__ = e
             else:
                 if response.status_code < 400:
+                    self._last_unavailable = None
                     return response
                 detail = _detail(response)
                 if response.status_code < 500:
@@ -353,8 +358,11 @@ class GeneratorClient(GenerateApi):
                     raise error_type(response.status_code, detail, method, path)
                 problem = f"{response.status_code}: {detail}"
                 away = response.status_code == 503
-                if away:
-                    error = GeneratorUnavailable(f"{method} {self.base_url}{path} -> {problem}")
+                if away:  # (its detail says why: the engine starting, or dead and what killed it)
+                    self._last_unavailable = detail
+                    error = GeneratorUnavailable(
+                        f"{method} {self.base_url}{path} -> {problem} ({attempt + 1} attempt(s))"
+                    )
                 else:
                     error = GeneratorHTTPError(response.status_code, detail, method, path)
             waiting = patient and away and time.monotonic() - started + delay <= self.restart_timeout
