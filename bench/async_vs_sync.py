@@ -38,9 +38,9 @@ from statistics import mean
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    SIZES,
     ServerOptions,
     add_common_args,
+    add_training_args,
     build_model,
     describe_machine,
     has_cuda,
@@ -110,19 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", default="0.1b", choices=list(SIZES), help="model size (bench/common.py)")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
-    parser.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
-    parser.add_argument("--samples-per-prompt", type=int, default=4, help="K")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="completion length limit")
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    add_training_args(parser, size="0.1b", steps=20)
     parser.add_argument("--staleness", default="0,1", help="max_staleness values, run in this order")
     parser.add_argument("--trainer-threads", type=int, default=None, help="torch threads of the trainer")
     parser.add_argument(
         "--trainer-cpus", default=None, help="comma-separated CPU ids to pin the trainer to (CPU runs)"
     )
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="server's share of the GPU")
     parser.add_argument(
         "--push", default="auto", help="weight transport(s), comma-separated: auto, http, shared, ipc"
     )
@@ -134,10 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--server-arg", dest="server_args", action="append", default=[], metavar="FLAG",
         help="one more server flag, e.g. --server-arg=--ipc-load=direct (repeatable)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="any other trainer config key, e.g. --set precision=bf16 (repeatable)",
     )  # fmt: skip
     add_common_args(parser)
     quick = dict(QUICK)

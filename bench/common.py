@@ -331,6 +331,23 @@ def parse_args(parser, quick_defaults: dict, argv: list[str] | None = None):
     return parser.parse_args(argv)
 
 
+def add_training_args(parser, size: str, steps: int) -> None:
+    """The flags of the benchmarks that run the trainer against a server: the model, the run's length and
+    batch, the server's share of the GPU, and any other trainer config key (``--set``)."""
+    parser.add_argument("--size", default=size, choices=list(SIZES), help="model size (bench/common.py)")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+    parser.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="K")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="completion length limit")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="server's share of the GPU")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="any other trainer config key, e.g. --set precision=bf16 (repeatable)",
+    )  # fmt: skip
+
+
 def add_common_args(parser) -> None:
     parser.add_argument(
         "--dtype", default="auto", help="model and serving dtype; auto = bfloat16 on GPU, float32 on CPU"

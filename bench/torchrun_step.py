@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.async_vs_sync import read_run, run_config, summarise, write_prompts  # noqa: E402
 from bench.common import (  # noqa: E402
-    SIZES,
     ServerOptions,
     add_common_args,
+    add_training_args,
     build_model,
     describe_machine,
     machine_line,
@@ -46,20 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", default="1b", choices=list(SIZES), help="model size (bench/common.py)")
+    add_training_args(parser, size="1b", steps=12)
     parser.add_argument("--nproc", type=int, default=1, help="ranks of the torchrun run")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
-    parser.add_argument("--skip", type=int, default=2, help="first steps left out of the averages (warm-up)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
-    parser.add_argument("--samples-per-prompt", type=int, default=4, help="K")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="completion length limit")
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--staleness", type=int, default=1, help="max_staleness of both runs")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="server's share of the GPU")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="any other trainer config key, e.g. --set precision=bf16 (repeatable)",
-    )  # fmt: skip
     add_common_args(parser)
     args = parse_args(parser, QUICK, argv)
 
