@@ -134,6 +134,7 @@ class GenerationEngine:
         self._weights_lock = ReadersWriterLock()
         metrics.requests_running.set_function(lambda: self._weights_lock.readers)
         metrics.weight_loads_waiting.set_function(lambda: self._weights_lock.writers_waiting)
+        metrics.requests_waiting.set_function(lambda: self._weights_lock.readers_waiting)
         self._reload_mutex = asyncio.Lock()
         self._llm = None
         self.ipc_layerwise = True

@@ -43,6 +43,11 @@ class ServerMetrics:
             "/generate requests generating now (on the served weights)",
             registry=r,
         )
+        self.requests_waiting = Gauge(
+            "generator_generate_requests_waiting",
+            "/generate requests held back by a weight reload (they run on the new weights once it is done)",
+            registry=r,
+        )
         self.weight_loads_waiting = Gauge(
             "generator_weight_loads_waiting",
             "Weight reloads waiting for running /generate requests to finish (new requests wait behind them)",

@@ -19,6 +19,7 @@ class ReadersWriterLock:
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
+        self._readers_waiting = 0
         self._waiters: list[asyncio.Future] = []
 
     @property
@@ -28,6 +29,11 @@ class ReadersWriterLock:
     @property
     def writers_waiting(self) -> int:
         return self._writers_waiting
+
+    @property
+    def readers_waiting(self) -> int:
+        """Readers held back (by a writer that writes or waits)."""
+        return self._readers_waiting
 
     def _wake_all(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -44,7 +50,11 @@ class ReadersWriterLock:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[None]:
-        await self._wait_until(lambda: not self._writing and self._writers_waiting == 0)
+        self._readers_waiting += 1
+        try:
+            await self._wait_until(lambda: not self._writing and self._writers_waiting == 0)
+        finally:
+            self._readers_waiting -= 1
         self._readers += 1
         try:
             yield
