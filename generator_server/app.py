@@ -78,10 +78,11 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         engine = request.app.state.engine
-        if type(error).__name__ == "EngineDeadError" or (engine is not None and not engine.ready):
-            # the engine died under this request: say what killed it (the supervisor reads that within a
-            # few seconds, then starts a new engine), and that a retry will do
-            await request.app.state.supervisor.death_cause()
+        llm = engine.llm if engine is not None else None
+        dead = type(error).__name__ == "EngineDeadError" or (llm is not None and llm.errored)
+        if dead or (engine is not None and not engine.ready):
+            if dead:  # say what killed it (the supervisor reads that within seconds, then starts a new one)
+                await request.app.state.supervisor.death_cause()
             return JSONResponse({"detail": engine_unavailable(request.app)}, status_code=503)
         log.exception("%s %s failed", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(error).__name__}: {error}"}, status_code=500)

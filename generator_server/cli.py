@@ -50,12 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
             continue
         flag_type, choices = _flag_type(field.annotation)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("flag_type") == "text":  # a number or a word ('off'): the settings' validator reads it
+            flag_type = None
         parser.add_argument(
             flag,
             type=str if flag_type is None or choices else flag_type,
             choices=choices,
             default=argparse.SUPPRESS,
-            metavar=None if choices else name.upper(),
+            metavar=None if choices else extra.get("metavar", name.upper()),
             help=help_text,
         )
     return parser
@@ -116,6 +119,22 @@ def describe_listen(settings: ServerSettings) -> tuple[int, str]:
     return logging.WARNING, (
         f"{where} WITHOUT AN API KEY (--allow-unauthenticated-remote): anyone who can reach this port can "
         "generate and replace the served weights"
+    )
+
+
+def describe_pushes(settings: ServerSettings) -> str:
+    """The line, logged at start, that says how new weights can reach this server and what a faster way
+    would take."""
+    if settings.stream_port is not None:
+        where = "a free port" if settings.stream_port == 0 else f"port {settings.stream_port}"
+        return (
+            f"pushes: PUT /weights, and the stream port ({where}, named by GET /weights; a trainer's push: "
+            "auto takes it), which carries weights unencrypted: --stream-port off turns it off"
+        )
+    why = "--ssl-certfile: it has no TLS" if settings.ssl_certfile else "--stream-port off"
+    return (
+        f"pushes: PUT /weights only ({why}); the stream port receives about twice as fast on the CPU "
+        "(docs/TRANSPORTS.md)"
     )
 
 
@@ -182,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server_log = logging.getLogger("uvicorn.error")  # uvicorn.Config set up its handler
     server_log.log(*describe_listen(settings))
+    server_log.info(describe_pushes(settings))
     if given_model != settings.model:
         server_log.info("serving the GGUF file %s, converted into %s", given_model, settings.model)
     # this package's own log lines (swaps, refusals, timeouts) go where uvicorn's go, at the same level

@@ -36,8 +36,8 @@ def get_receiver(request: Request, engine: Engine) -> StreamReceiver:
     receiver = getattr(request.app.state, "stream_receiver", None)
     if receiver is None or receiver.engine is not engine:
         raise ApiError(
-            400, f"this server takes no stream uploads (start it with --stream-port); it accepts "
-            f"{engine.transports}: use PUT /weights",
+            400, f"this server takes no stream uploads (its stream port is off: --stream-port off, or TLS "
+            f"with --ssl-certfile); it accepts {engine.transports}: use PUT /weights",
         )  # fmt: skip
     return receiver
 

@@ -96,7 +96,6 @@ class StreamReceiver:
 
     def __init__(self, engine: GenerationEngine, timeout: float):
         self.engine, self.timeout = engine, timeout
-        engine.store.keep_spare = True  # uploads here write over the last superseded weights file
         self.sessions: dict[str, StreamSession] = {}
         self.port: int | None = None
         self._server: asyncio.Server | None = None
@@ -128,6 +127,9 @@ class StreamReceiver:
                 413, f"body of {request.bytes} bytes exceeds --max-upload-bytes {store.max_upload_bytes}"
             )
         digest = parse_blake3(request.blake3) if request.blake3 is not None else None
+        # From the first stream upload on, the last superseded weights file is kept for the next one to
+        # write over (one more copy of the weights in memory); a server whose pushes come by PUT keeps none.
+        store.keep_spare = True
         staged = store.new_staging_dir(request.bytes, recycle=True)  # (maybe the spare file, to write over)
         try:
             upload = store.open_upload(staged / "model.safetensors", request.bytes)

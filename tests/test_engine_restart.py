@@ -4,7 +4,7 @@ The kernel's out-of-memory killer picks the process holding the weights and the 
 is vLLM's worker process, below the engine core, below the server. The test kills it the same way, then
 checks that the request running at the time, ``/health``, the server's log and the trainer's client all
 name the signal, and that a new engine serves. Its own server: killing the shared one's engine would
-disturb the other tests.
+disturb the other tests. Started without transport flags, it also shows the stream port on by default.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from generator_server.engine_deaths import (
     describe_exit,
     record_fatal_errors,
 )
+from online_dpo_protocol import PushTarget
 from trainer_client.client import GeneratorClient, GeneratorUnavailable
+from trainer_client.transports import choose_transport
 
 API_KEY = "restart-key"
 RESTART_TIMEOUT_S = 600.0
@@ -49,6 +51,11 @@ def test_a_killed_engine_says_why_and_a_new_one_serves(tiny_model_dir, make_weig
     with running_server(tiny_model_dir, "--api-key", API_KEY, "--max-model-len", "256") as server:
         health = httpx.get(f"{server.url}/health", timeout=30).json()
         assert health["engine_restarts"] == 0 and health["last_engine_error"] is None, health
+        # started without transport flags: its stream port is on, and push: auto takes it
+        with server.client() as client:
+            spec = client.get("/weights").json()
+        assert "stream" in spec["transports"] and spec["stream_port"] > 0, spec
+        assert choose_transport("auto", PushTarget.model_validate(spec), "cpu") == "stream"
         assert server.push(make_weights(seed=7), 1).status_code == 200
 
         # A request that cannot end before the kill: it runs until the engine dies under it.
@@ -99,6 +106,7 @@ def test_a_killed_engine_says_why_and_a_new_one_serves(tiny_model_dir, make_weig
         with server.client() as client:
             answer = client.post("/generate", json={"prompts": ["Hi"], "max_tokens": 4})
             assert answer.status_code == 200 and answer.json()["weights_version"] == 0, answer.text
+            assert client.get("/weights").json()["stream_port"] == spec["stream_port"]  # (the same port)
         assert server.push(make_weights(seed=8), 1).status_code == 200  # pushes land as on a fresh server
         log = server.log_path.read_text(errors="replace")
         assert "the engine died" in log and "SIGKILL" in log, server.log_tail()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from server_process import ServerHandle, running_server
 
-from generator_server.cli import describe_listen, parse_settings
+from generator_server.cli import describe_listen, describe_pushes, parse_settings
 
 MAX_REQUEST_BYTES = 4096
 MAX_PROMPTS = 4
@@ -166,3 +166,21 @@ def test_tls_needs_both_files(clean_env, capsys):
     assert exit_info.value.code == 2 and "--ssl-keyfile" in capsys.readouterr().err
     settings = parse_settings(["--model", "m", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"])
     assert describe_listen(settings)[1].startswith("listening on https://")
+
+
+def test_the_stream_port_is_on_where_http_has_no_tls_and_the_server_says_so(clean_env, capsys):
+    """The stream port (unencrypted) is on by default, and off by default with TLS; asked for with TLS it
+    is refused. The start-up line says which way pushes come and what the faster way would take."""
+    plain = parse_settings(["--model", "m"])
+    assert plain.stream_port == 0 and "the stream port (a free port" in describe_pushes(plain)
+    tls = ["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"]
+    secured = parse_settings(["--model", "m", *tls])
+    assert secured.stream_port is None
+    assert describe_pushes(secured).startswith("pushes: PUT /weights only (--ssl-certfile: it has no TLS)")
+    off = parse_settings(["--model", "m", "--stream-port", "off"])
+    assert off.stream_port is None and "twice as fast" in describe_pushes(off)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(["--model", "m", *tls, "--stream-port", "8100"])
+    assert exit_info.value.code == 2 and "without TLS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--model", "m", "--stream-port", "fast"])

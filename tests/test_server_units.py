@@ -174,8 +174,10 @@ def test_flags_and_environment(monkeypatch, tmp_path):
     assert settings.api_key == "from-env"  # environment fills what the flags leave out
     assert settings.port == 9002  # a flag wins over the environment
     assert settings.enforce_eager is True and settings.dtype == "auto"
+    assert settings.stream_port == 0  # on by default, on a free port
     monkeypatch.setenv("GENERATOR_STREAM_PORT", "8100")
     assert parse_settings(["--model", str(tmp_path)]).stream_port == 8100
+    assert parse_settings(["--model", str(tmp_path), "--stream-port", "off"]).stream_port is None
     monkeypatch.setenv("GENERATOR_STREAM_PORT", "")  # compose's way to turn it off
     assert parse_settings(["--model", str(tmp_path)]).stream_port is None
 

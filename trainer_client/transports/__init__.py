@@ -43,7 +43,7 @@ def choose_transport(requested: str, target: PushTarget, device: str) -> str:
         hint = {
             "ipc": " (CUDA IPC needs the server's engine on a GPU of this host)",
             "shared": " (start the server with --checkpoint-root)",
-            "stream": " (start the server with --stream-port)",
+            "stream": " (its stream port is off: it is on unless started with --stream-port off or TLS)",
         }.get(requested, "")
         raise TransportError(
             f"push: {requested} is not offered by the server, which accepts {offered}{hint}; "
