@@ -240,7 +240,7 @@ class GenerationEngine:
             if self.incomplete:
                 raise ApiError(503, self.incomplete)
             prompts = await self._prompt_token_ids(request)
-            params = [self._sampling_params(request, i) for i in range(len(prompts))]
+            params = await self._all_sampling_params(request, len(prompts))
             asked = time.perf_counter()
             async with self.weights_held() as version:
                 held = time.perf_counter()
@@ -312,6 +312,15 @@ class GenerationEngine:
                     f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}): {outside[:5]}",
                 )
         return prompts
+
+    async def _all_sampling_params(self, request: GenerateRequest, count: int) -> list:
+        """``_sampling_params`` of every prompt, ``SLICE`` between two turns of the event loop."""
+        params = []
+        for i in range(count):
+            params.append(self._sampling_params(request, i))
+            if i % SLICE == SLICE - 1:
+                await asyncio.sleep(0)
+        return params
 
     def _sampling_params(self, request: GenerateRequest, index: int):
         """Sampling parameters of prompt ``index``: with a seed, prompt i samples with ``seed + i``, so
