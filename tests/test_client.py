@@ -182,6 +182,27 @@ def test_a_restarting_server_is_waited_for_up_to_restart_timeout():
     assert len(calls) == 2
 
 
+def test_giving_up_repeats_what_the_server_said_it_was_doing():
+    """A server whose engine died says so in its 503s; if it then stops answering altogether, the error
+    the trainer stops with still names that cause (the server's own words), not only "connection refused"."""
+    calls = []
+    died = "the engine died (the engine process VllmWorker-0 was killed by SIGKILL); the server is starting"
+
+    def handler(request):
+        calls.append(1)
+        if len(calls) <= 2:
+            return httpx.Response(503, json={"detail": died})
+        raise httpx.ConnectError("refused")
+
+    with pytest.raises(
+        GeneratorUnavailable, match=r"ConnectError: refused \(the server had said: the engine died"
+    ):
+        fake_client(handler, max_retries=3).generate(prompts=["hi"])
+    calls.clear()
+    with pytest.raises(GeneratorUnavailable, match=r"503: the engine died .*SIGKILL.*\(1 attempt"):
+        fake_client(handler, max_retries=0).generate(prompts=["hi"])
+
+
 def test_one_server_is_waited_for_but_a_replica_is_dropped():
     """The restart wait applies to a lone server; among replicas, one that is away must be dropped after
     its retries (the others take its prompts), not waited for, or every batch would wait on it."""
