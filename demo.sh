@@ -16,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 source .venv/bin/activate
 
-if ! python -c "import vllm, torch, gguf, accelerate, online_dpo_protocol, trainer_client.demo, importlib.util as u; assert u.find_spec('reasoning_gym')" >/dev/null 2>&1; then
+if ! python -c "import vllm, torch, gguf, accelerate, peft, online_dpo_protocol, trainer_client.demo, importlib.util as u; assert u.find_spec('reasoning_gym')" >/dev/null 2>&1; then
   echo "demo.sh: installing torch 2.13.0 (CPU), vLLM (CPU build) and this project into .venv (a few minutes)"
   start=$SECONDS
   python -m pip install -q --upgrade pip

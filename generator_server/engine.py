@@ -14,6 +14,7 @@ the write lock is taken, so generation stops only for the swap itself.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from generator_server.config import ServerSettings
 from generator_server.errors import ApiError
+from generator_server.lora import NOT_ENABLED, check_adapter, stage_adapter
 from generator_server.metrics import ServerMetrics
 from generator_server.rwlock import ReadersWriterLock
 from generator_server.schemas import (
@@ -99,6 +101,9 @@ class Swap:
         self.callbacks: list = []
         self.touched = True
         """Whether the engine's weights may have changed; a swap that fails untouched needs no recovery."""
+        self.adapter = None
+        """The LoRA adapter (vLLM's ``LoRARequest``) served with the new version: None for whole weights
+        (``--enable-lora``: an adapter push sets it; a whole push serves its weights without one)."""
 
     def on_success(self, callback) -> None:
         self.callbacks.append(callback)
@@ -138,6 +143,12 @@ class GenerationEngine:
         self._reload_mutex = asyncio.Lock()
         self._llm = None
         self.ipc_layerwise = True
+        self.adapter = None
+        """``--enable-lora``: the LoRA adapter (vLLM's ``LoRARequest``) served on the base weights as part of
+        the served version, or None (the weights alone). Changes with the version, under the write lock."""
+        self._lora_ids = itertools.count(1)
+        self.base_version = 0
+        """The version whose whole weights are served (0: ``--model``'s); adapter pushes leave it."""
         """Whether CUDA IPC transfers go through vLLM's layerwise reload (``--ipc-load``)."""
 
     @classmethod
@@ -191,6 +202,12 @@ class GenerationEngine:
             disable_log_stats=True,
             # receiver_* methods on the worker: CUDA IPC weight transfers (generator_server/ipc.py)
             worker_extension_cls="generator_server.worker_extension.WeightReceiver",
+            # --enable-lora: one adapter in a batch (a version's), two held (the served one and the next)
+            **(
+                dict(enable_lora=True, max_lora_rank=s.max_lora_rank, max_loras=1, max_cpu_loras=2)
+                if s.enable_lora
+                else {}
+            ),
         )
         llm = AsyncLLM.from_engine_args(args)
         try:
@@ -243,8 +260,8 @@ class GenerationEngine:
             params = await self._all_sampling_params(request, len(prompts))
             asked = time.perf_counter()
             async with self.weights_held() as version:
-                held = time.perf_counter()
-                jobs = [self._generate_one(ids, p) for ids, p in zip(prompts, params, strict=True)]
+                held, adapter = time.perf_counter(), self.adapter  # (the version's: it cannot change here)
+                jobs = [self._generate_one(ids, p, adapter) for ids, p in zip(prompts, params, strict=True)]
                 outputs = await _all_or_nothing(jobs)
             done = time.perf_counter()
             timing = GenerateTiming(
@@ -348,9 +365,11 @@ class GenerationEngine:
         except ValueError as e:
             raise ApiError(400, f"invalid sampling parameters: {e}") from e
 
-    async def _generate_one(self, prompt_token_ids: list[int], params):
+    async def _generate_one(self, prompt_token_ids: list[int], params, adapter=None):
         final = None
-        stream = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, uuid.uuid4().hex)
+        stream = self._llm.generate(
+            {"prompt_token_ids": prompt_token_ids}, params, uuid.uuid4().hex, lora_request=adapter
+        )
         async for output in stream:
             final = output
         return final
@@ -368,6 +387,8 @@ class GenerationEngine:
             host_id=self.host_id,
             gpu_uuid=self.gpu_uuid,
             stream_port=self.stream_port,
+            max_lora_rank=self.settings.max_lora_rank if self.settings.enable_lora else None,
+            base_version=self.base_version,
         )
 
     async def weights_digest(self) -> WeightsDigest:
@@ -392,6 +413,11 @@ class GenerationEngine:
             offered.append("stream")
         return offered
 
+    def check_adapter_push(self, adapter: bool) -> None:
+        """400 for an adapter push to a server without ``--enable-lora`` (before any byte is received)."""
+        if adapter and not self.settings.enable_lora:
+            raise ApiError(400, NOT_ENABLED)
+
     def check_version(self, version: int) -> None:
         if version <= self.version:
             raise ApiError(409, f"version {version} is not greater than the served version {self.version}")
@@ -411,6 +437,57 @@ class GenerationEngine:
         log.info("serving weights version %d (%d bytes, swapped in %.3f s)", version, nbytes, swap.seconds)
         return WeightsUpdate(weights_version=version, bytes=nbytes, load_seconds=swap.seconds)
 
+    async def update_adapter(self, staged: Path, nbytes: int, version: int, source: str) -> WeightsUpdate:
+        """Check the staged LoRA adapter upload (``model.safetensors`` with its config in the metadata:
+        generator_server/lora.py), load it into the engine beside the adapter served now (generation goes on
+        meanwhile), then serve it on the base weights as ``version``; ``staged`` becomes the adapter's folder
+        while it is served, and is removed on failure, which leaves the previous version serving."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.settings.enable_lora:
+            self.store.discard(staged)
+            raise ApiError(400, NOT_ENABLED)
+        request = None
+        try:
+            self.check_version(version)
+            expected, rank = self.expected, self.settings.max_lora_rank
+            config = await asyncio.to_thread(check_adapter, staged / "model.safetensors", expected, rank)
+            folder = await asyncio.to_thread(stage_adapter, staged, config)
+            request = LoRARequest(f"weights-v{version}", next(self._lora_ids), str(folder))
+            started = time.perf_counter()
+            try:
+                await self._llm.add_lora(request)  # (into the engine's cache; the served adapter stays)
+            except Exception as e:
+                raise ApiError(
+                    400, f"the engine could not load the adapter ({type(e).__name__}: {e}); still serving "
+                    f"version {self.version}",
+                ) from e  # fmt: skip
+            loaded = time.perf_counter() - started
+            async with self.swap(version, source) as swap:
+                swap.touched = False  # the engine's weights stay as they are: nothing to restore
+                swap.adapter = request
+                if self.disk_version == self.version:  # (the base on disk is still the served base)
+                    swap.on_success(lambda: setattr(self, "disk_version", version))
+        except BaseException:
+            if request is not None and self.adapter is not request:
+                await self._forget_adapter(request)
+            else:
+                self.store.discard(staged)
+            raise
+        log.info(
+            "serving weights version %d: an adapter of rank %d (%d bytes; loaded %.3f s, swapped %.3f s)",
+            version, config["r"], nbytes, loaded, swap.seconds,
+        )  # fmt: skip
+        return WeightsUpdate(weights_version=version, bytes=nbytes, load_seconds=swap.seconds)
+
+    async def _forget_adapter(self, adapter) -> None:
+        """Drop an adapter no version serves from the engine, and its folder."""
+        try:
+            await self._llm.remove_lora(adapter.lora_int_id)
+        except Exception:  # (the engine may not have it; a leftover costs memory, not correctness)
+            log.warning("could not remove LoRA adapter %s from the engine", adapter.lora_name, exc_info=True)
+        self.store.discard(Path(adapter.lora_path))
+
     def _promote(self, folder: Path, version: int) -> None:
         self.store.promote(folder)
         self.disk_version = version
@@ -423,7 +500,7 @@ class GenerationEngine:
         requests and holds back new ones. If the block raises, the weights served before are put back from
         ``store.served_dir`` when it holds them; otherwise the engine is marked incomplete (503) until a
         whole version arrives. Never a mix of two versions served."""
-        outcome, swap = "error", Swap()
+        outcome, swap, replaced = "error", Swap(), None
         try:
             async with self._reload_mutex:
                 self.check_version(version)
@@ -438,11 +515,16 @@ class GenerationEngine:
                         raise
                     swap.seconds = time.perf_counter() - swap.started
                     self.version, self.incomplete = version, None
+                    replaced, self.adapter = self.adapter, swap.adapter
+                    if swap.adapter is None:  # whole weights
+                        self.base_version = version
                     for callback in swap.callbacks:
                         callback()
             outcome = "ok"
         finally:
             self.metrics.weight_loads.labels(source=source, outcome=outcome).inc()
+        if outcome == "ok" and replaced is not None and replaced is not self.adapter:
+            await self._forget_adapter(replaced)  # (no request uses it: the write lock waited for them)
         self.metrics.weight_load_seconds.observe(swap.seconds)
         self.metrics.weights_version.set(version)
 

@@ -56,7 +56,7 @@ class OpenAIServing:
     def build(cls, engine: GenerationEngine, settings: ServerSettings) -> "OpenAIServing":
         llm = engine.llm
         name = settings.served_model_name or settings.model
-        models = OpenAIServingModels(
+        models = ServedModels(
             engine_client=llm, base_model_paths=[BaseModelPath(name=name, model_path=settings.model)]
         )
         # Only arguments that vLLM 0.26 and 0.32 both take; the rest keep their defaults.
@@ -69,8 +69,9 @@ class OpenAIServing:
         )
         if hasattr(renderer, "warmup"):  # vLLM >= 0.27 renders a first chat to load the template early
             renderer.warmup()
-        completion = OpenAIServingCompletion(llm, models, online_renderer=renderer, request_logger=None)
-        chat = OpenAIServingChat(
+        completion = Completions(llm, models, online_renderer=renderer, request_logger=None)
+        completion.engine = engine
+        chat = Chats(
             llm,
             models,
             "assistant",
@@ -79,7 +80,35 @@ class OpenAIServing:
             chat_template=None,
             chat_template_content_format="auto",
         )
+        chat.engine = engine
         return cls(models=models, completion=completion, chat=chat)
+
+
+class ServedModels(OpenAIServingModels):
+    """vLLM's models, named by the served model's name even when a version's LoRA adapter answers."""
+
+    def model_name(self, lora_request=None) -> str:
+        return self.base_model_paths[0].name
+
+
+class ServedAdapter:
+    """For vLLM's serving classes: a request for the served model runs with the LoRA adapter of the version
+    it holds (``--enable-lora``; none otherwise). ``_answer`` holds the weights for the request's whole life,
+    so the engine's adapter is that version's. (``_maybe_get_adapters`` is where vLLM 0.26 and 0.32 both
+    pick a request's adapter.)"""
+
+    engine: GenerationEngine
+
+    def _maybe_get_adapters(self, request, supports_default_mm_loras: bool = False):
+        return super()._maybe_get_adapters(request, supports_default_mm_loras) or self.engine.adapter
+
+
+class Completions(ServedAdapter, OpenAIServingCompletion):
+    pass
+
+
+class Chats(ServedAdapter, OpenAIServingChat):
+    pass
 
 
 class VLLMErrors(OpenAIErrors):

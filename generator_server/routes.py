@@ -24,7 +24,7 @@ from generator_server.schemas import (
 )
 from generator_server.weights import no_room
 from online_dpo_protocol.digests import CHUNKED_SHA256_PATTERN, HEX_DIGEST_PATTERN
-from online_dpo_protocol.models import HealthNotReady
+from online_dpo_protocol.models import ADAPTER_FIELD, HealthNotReady
 
 UNAUTHORIZED = {401: {"description": "missing or wrong API key (the server runs with --api-key)"}}
 NOT_READY = {503: {"description": "the engine is starting, broken, or holds no whole version (reason given)"}}
@@ -155,6 +155,7 @@ async def put_weights(
     request: Request,
     version: Annotated[int, Query(ge=0, description="New weights version; must exceed the current one.")],
     engine: Engine,
+    adapter: Annotated[bool, Query(description=ADAPTER_FIELD)] = False,
     x_weights_sha256: Annotated[
         str | None, Header(description="SHA-256 of the body, hex.", json_schema_extra=SHA256_FORM)
     ] = None,
@@ -178,8 +179,10 @@ async def put_weights(
         ),
     ] = None,
 ):
-    """Body: one safetensors file with the served model's tensor names and shapes."""
+    """Body: one safetensors file with the served model's tensor names and shapes (or, with ``adapter``, a
+    LoRA adapter's)."""
     engine.check_version(version)  # before receiving gigabytes
+    engine.check_adapter_push(adapter)
     length = request.headers.get("content-length")
     if length is not None and not length.isdigit():
         raise ApiError(400, "invalid Content-Length")
@@ -199,16 +202,21 @@ async def put_weights(
             raise
         raise refusal from e
     received = time.perf_counter() - started
-    update = await engine.update_weights(staged, size, version, source="upload")
+    update_weights = engine.update_adapter if adapter else engine.update_weights
+    update = await update_weights(staged, size, version, source="upload")
     return update.model_copy(update={"receive_seconds": round(received, 6)})
 
 
 @protected.post("/weights/load", response_model=WeightsUpdate, responses=LOAD_REFUSED)
 async def load_weights(body: LoadWeightsRequest, request: Request, engine: Engine):
     engine.check_version(body.version)
+    engine.check_adapter_push(body.adapter)
     source = engine.store.resolve_checkpoint(body.path, request.app.state.settings.checkpoint_root)
+    if body.adapter and not source.is_file():
+        raise ApiError(400, f"an adapter is loaded from one .safetensors file; {body.path!r} is a folder")
     staged, size = await asyncio.to_thread(engine.store.copy_in, source)
-    return await engine.update_weights(staged, size, body.version, source="disk")
+    update_weights = engine.update_adapter if body.adapter else engine.update_weights
+    return await update_weights(staged, size, body.version, source="disk")
 
 
 @protected.get("/metrics", response_class=Response, responses=METRICS)

@@ -69,6 +69,7 @@ class StreamSession:
     staged: Path
     upload: UploadFile
     done: asyncio.Future  # the body has arrived and is hashed: its receive seconds; or the failure
+    adapter: bool = False  # a LoRA adapter (served by GenerationEngine.update_adapter), not whole weights
     hasher: object = field(default_factory=new_blake3)
     received: int = 0
     hashed: int = 0  # bytes handed to the hasher
@@ -122,6 +123,7 @@ class StreamReceiver:
     def begin(self, request: StreamBeginRequest) -> StreamSession:
         store = self.engine.store
         self.engine.check_version(request.version)
+        self.engine.check_adapter_push(request.adapter)
         if request.bytes > store.max_upload_bytes:
             raise ApiError(
                 413, f"body of {request.bytes} bytes exceeds --max-upload-bytes {store.max_upload_bytes}"
@@ -130,7 +132,8 @@ class StreamReceiver:
         # From the first stream upload on, the last superseded weights file is kept for the next one to
         # write over (one more copy of the weights in memory); a server whose pushes come by PUT keeps none.
         store.keep_spare = True
-        staged = store.new_staging_dir(request.bytes, recycle=True)  # (maybe the spare file, to write over)
+        # (maybe the spare file, to write over; an adapter is small, and is served from its own folder)
+        staged = store.new_staging_dir(request.bytes, recycle=not request.adapter)
         try:
             upload = store.open_upload(staged / "model.safetensors", request.bytes)
         except OSError as e:
@@ -142,7 +145,7 @@ class StreamReceiver:
         done.add_done_callback(lambda f: f.cancelled() or f.exception())  # (read by commit, if it comes)
         session = StreamSession(
             uuid.uuid4().hex, secrets.token_bytes(TICKET_BYTES), request.version, request.bytes, digest,
-            staged, upload, done,
+            staged, upload, done, adapter=request.adapter,
         )  # fmt: skip
         self.sessions[session.id] = session
         session.tasks.append(asyncio.ensure_future(self._watch(session)))
@@ -158,14 +161,16 @@ class StreamReceiver:
             found = session.hasher.hexdigest()
             if found != expected:
                 raise ApiError(400, f"BLAKE3 mismatch: body hashes to {found}, the sender gave {expected}")
-            update = await self.engine.update_weights(
-                session.staged, session.nbytes, session.version, source="stream"
-            )
+            update_weights = self.engine.update_adapter if session.adapter else self.engine.update_weights
+            update = await update_weights(session.staged, session.nbytes, session.version, source="stream")
         except BaseException as error:
             self._drop(session, error if isinstance(error, ApiError) else ApiError(500, str(error)))
             raise
         self.sessions.pop(session.id, None)
-        self.engine.store.keep_upload(session.upload)  # served now: the next upload but one writes over it
+        if session.adapter:
+            session.upload.close()  # (an adapter's file is served from its folder, never written over)
+        else:
+            self.engine.store.keep_upload(session.upload)  # served: the next upload but one writes over it
         return update.model_copy(update={"receive_seconds": round(receive_seconds, 6)})
 
     async def abort(self, session_id: str) -> None:

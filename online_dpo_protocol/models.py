@@ -146,6 +146,17 @@ class GenerateResponse(BaseModel):
 
 
 # --- /weights ---------------------------------------------------------------------------------------------
+ADAPTER_METADATA_KEY = "adapter_config"
+"""An adapter push's safetensors file holds its LoRA config (peft's adapter_config.json: ``r``,
+``lora_alpha``, ``target_modules``...) as JSON under this key of its ``__metadata__``, and peft's tensors
+(``base_model.model.<module>.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r))."""
+ADAPTER_FIELD = (
+    "The body is a LoRA adapter, not whole weights: peft's adapter tensors, with its adapter_config.json as "
+    f"JSON under the '{ADAPTER_METADATA_KEY}' key of the safetensors metadata. Served on the base weights "
+    "as the new version (a server without --enable-lora answers 400)."
+)
+
+
 class TensorSpec(BaseModel):
     shape: list[int]
     dtype: str
@@ -170,6 +181,13 @@ class PushTarget(BaseModel):
     """UUID of the GPU the engine runs on (null on CPU): a CUDA IPC sender's buffers must live there."""
     stream_port: int | None = None
     """TCP port of stream uploads (`--stream-port`; null when off): see /weights/stream/begin."""
+    max_lora_rank: int | None = None
+    """The largest LoRA rank the server takes in an adapter push (`--enable-lora --max-lora-rank N`): a push
+    of only a LoRA adapter's tensors (`adapter=true`), served on the base weights as one version; null: the
+    server takes no adapters (push whole weights, e.g. the adapters merged in)."""
+    base_version: int = 0
+    """The version whose whole weights the server serves (0: its `--model`'s own): an adapter push is served
+    on these. A trainer that pushes adapters of its model needs 0."""
 
 
 class WeightsSpec(PushTarget):
@@ -192,6 +210,7 @@ class WeightsDigest(BaseModel):
 class LoadWeightsRequest(_Request):
     path: str = Field(min_length=1, description="A .safetensors file or a folder of them, on the server.")
     version: Int = Field(ge=0, description="New weights version; must exceed the current one.")
+    adapter: bool = Field(False, description=ADAPTER_FIELD)
 
 
 class WeightsUpdate(BaseModel):
@@ -218,6 +237,7 @@ class StreamBeginRequest(_Request):
         default=None,
         description="BLAKE3 of the body, 64 hex digits, checked before the swap; or give it with the commit.",
     )
+    adapter: bool = Field(False, description=ADAPTER_FIELD)
 
 
 class StreamCommitRequest(_Request):

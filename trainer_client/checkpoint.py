@@ -5,7 +5,10 @@ is by transformers and by vLLM, so a generation server can be started from it) a
 (optimizer, scheduler, RNG states, step, the number of ranks that wrote it, and anything else the trainer
 wants back). A run on several ranks writes the same folder, except that AdamW's state, sharded over the
 ranks, is in ``optimizer/`` (torch.distributed.checkpoint, one file per rank) instead of
-``trainer_state.pt``; it resumes on as many ranks as wrote it.
+``trainer_state.pt``; it resumes on as many ranks as wrote it. A LoRA run (``lora_rank > 0``) writes peft's
+adapter folder in place of the model's weights (``adapter_model.safetensors`` in fp32, ``adapter_config.json``
+naming the base; ``save_checkpoint`` gets the ``PeftModel``, whose ``save_pretrained`` writes it), loadable
+by ``PeftModel.from_pretrained`` and merged into a model folder by ``trainer-client merge-lora``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     trainer-client train --config FILE.yaml [--set key=value ...] [--resume CHECKPOINT_DIR]
     trainer-client convert-gguf FILE.gguf [--out DIR]   # a GGUF file as a model folder, ahead of time
+    trainer-client merge-lora CHECKPOINT_DIR --out DIR  # a LoRA run's adapters merged into its base
     torchrun --nproc-per-node N -m trainer_client train --config FILE.yaml   # N ranks, FSDP2 (learner.py)
 
 Each subcommand lives in a module with ``add_arguments(parser)`` and ``run(args) -> int``, listed in
@@ -23,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "trainer_client.evaluate",
     "demo": "trainer_client.demo",
     "convert-gguf": "trainer_client.convert_gguf",
+    "merge-lora": "trainer_client.merge_lora",
 }
 """Subcommand name -> module providing ``add_arguments(parser)`` and ``run(args) -> int``."""
 

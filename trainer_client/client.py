@@ -142,14 +142,17 @@ _ITEMSIZE = {
 }  # fmt: skip
 
 
-def safetensors_layout(specs: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[bytes, list[str]]:
+def safetensors_layout(
+    specs: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, list[str]]:
     """The first bytes of the safetensors file of tensors ``name -> (dtype code, shape)`` and the order of
     their data after it. Those bytes are the header's length (8 bytes, little-endian) and the header: compact
     JSON, names in data order, padded with spaces to a multiple of 8 bytes, as ``safetensors.torch.save``
-    writes it (no ``__metadata__``)."""
+    writes it (with ``metadata``, string -> string, first, under ``__metadata__``)."""
     rank = {code: i for i, code in enumerate(SAFETENSORS_ORDER)}
     order = sorted(specs, key=lambda name: (rank[specs[name][0]], name))
-    header, offset = {}, 0
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
     for name in order:
         code, shape = specs[name]
         nbytes = _ITEMSIZE[code]
@@ -188,12 +191,12 @@ class SafetensorsBody:
     CPU tensors that are contiguous are read in place: they must not change while the body is hashed or
     sent (the trainer's snapshots never do). Others are copied to contiguous CPU memory first."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors is little-endian; this machine is not")
         self.tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         specs = {n: (safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in self.tensors.items()}
-        self.head, self.order = safetensors_layout(specs)
+        self.head, self.order = safetensors_layout(specs, metadata)
         self.views = [tensor_bytes(self.tensors[name]) for name in self.order]
         self.nbytes = len(self.head) + sum(v.nbytes for v in self.views)
 
@@ -231,9 +234,6 @@ class SafetensorsBody:
             return digest.result()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Client
-# ---------------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------------
 # generate: the arguments of POST /generate
 # ---------------------------------------------------------------------------------------------------------
@@ -275,6 +275,9 @@ class GenerateApi:
         raise NotImplementedError
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------------------------------------
 class GeneratorClient(GenerateApi):
     """Client of one generation server.
 
@@ -434,8 +437,10 @@ class GeneratorClient(GenerateApi):
         sha256: str | None = None,
         chunked_sha256: str | None = None,
         blake3: str | None = None,
+        adapter: bool = False,
     ) -> WeightsUpdate:
-        """``PUT /weights?version=V`` of ``body`` with its digests, each one given in its header: ``sha256``
+        """``PUT /weights?version=V`` of ``body`` (with ``adapter``: a LoRA adapter's, its config in the
+        metadata; ``&adapter=true``) with its digests, each one given in its header: ``sha256``
         in ``X-Weights-SHA256``, ``chunked_sha256`` (``"<chunk_bytes>:<hex>"``, see :class:`ChunkedSha256`)
         in ``X-Weights-Chunked-SHA256``, ``blake3`` (hex, see :class:`Blake3Digest`) in ``X-Weights-BLAKE3``
         (send it only to a server whose ``GET /weights`` lists ``blake3``: an older one ignores it). None
@@ -451,14 +456,15 @@ class GeneratorClient(GenerateApi):
             headers[CHUNKED_SHA256_HEADER] = chunked_sha256
         if blake3 is not None:
             headers[BLAKE3_HEADER] = blake3
-        response = self._request(
-            "PUT", "/weights", params={"version": version}, headers=headers, content=body.chunks
-        )
+        params = {"version": version, **({"adapter": "true"} if adapter else {})}
+        response = self._request("PUT", "/weights", params=params, headers=headers, content=body.chunks)
         return WeightsUpdate.model_validate(response.json())
 
-    def load_weights(self, path: str, version: int) -> WeightsUpdate:
-        """``POST /weights/load``: reload from a file or folder on the server's own disk."""
-        response = self._request("POST", "/weights/load", json={"path": str(path), "version": version})
+    def load_weights(self, path: str, version: int, adapter: bool = False) -> WeightsUpdate:
+        """``POST /weights/load``: reload from a file or folder on the server's own disk (``adapter``: a
+        LoRA adapter's file)."""
+        body = {"path": str(path), "version": version, **({"adapter": True} if adapter else {})}
+        response = self._request("POST", "/weights/load", json=body)
         return WeightsUpdate.model_validate(response.json())
 
     # --- CUDA IPC transfer sessions (see trainer_client/transports/ipc.py) -------------------------------
@@ -485,11 +491,13 @@ class GeneratorClient(GenerateApi):
         self._request("DELETE", f"/weights/ipc/{session}", retries=0)
 
     # --- stream uploads (see trainer_client/transports/stream.py) ---------------------------------------
-    def stream_begin(self, version: int, nbytes: int, blake3_hex: str | None = None) -> dict:
+    def stream_begin(
+        self, version: int, nbytes: int, blake3_hex: str | None = None, adapter: bool = False
+    ) -> dict:
         """``POST /weights/stream/begin``: open an upload of ``nbytes`` (whose BLAKE3 is ``blake3_hex``, or
-        give it to :meth:`stream_commit`); returns ``session``, ``ticket`` (hex), ``port`` and
-        ``timeout_seconds``."""
-        body = {"version": version, "bytes": nbytes}
+        give it to :meth:`stream_commit`; ``adapter``: a LoRA adapter's body); returns ``session``,
+        ``ticket`` (hex), ``port`` and ``timeout_seconds``."""
+        body = {"version": version, "bytes": nbytes, **({"adapter": True} if adapter else {})}
         if blake3_hex is not None:
             body["blake3"] = blake3_hex
         answer = self._request("POST", "/weights/stream/begin", json=body).json()

@@ -45,9 +45,12 @@ worker has it. Tested with vLLM 0.32 on CPU; the GPU path (sleep mode, vLLM 0.26
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -90,6 +93,8 @@ class EngineSettings:
     """Skip torch.compile and CUDA graphs (quick start; graphs are re-captured on a GPU otherwise)."""
     seed: int = 0
     """Seed of the engine and of generation seeds drawn when the caller passes none."""
+    max_lora_rank: int | None = None
+    """Take LoRA adapters up to this rank (vLLM's LoRA, as the server's --enable-lora); None: no LoRA."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,6 +230,11 @@ class ColocatedEngine(GenerateApi):
         self._lock = threading.Lock()
         self._seeds = random.Random(settings.seed)  # private: never touches the trainer's RNG
         self._asleep = False
+        self.adapter = None
+        """The LoRA adapter (vLLM's ``LoRARequest``) served on the weights as ``weights_version``, or None."""
+        self._lora_ids = itertools.count(1)
+        self.base_version = 0
+        """The version whose whole weights the engine holds (0: the model folder's)."""
         self.llm = self._build()
 
     def _build(self):
@@ -262,6 +272,10 @@ class ColocatedEngine(GenerateApi):
                 # log-probabilities of the raw logits (before temperature, top-p, top-k), as the server
                 logprobs_mode="raw_logprobs",
             )
+            if self.settings.max_lora_rank is not None:  # one adapter in a batch, two held (as the server)
+                kwargs |= dict(
+                    enable_lora=True, max_lora_rank=self.settings.max_lora_rank, max_loras=1, max_cpu_loras=2
+                )
             if self.device == "cuda":
                 kwargs["gpu_memory_utilization"] = self.settings.gpu_memory_utilization
                 kwargs["enable_sleep_mode"] = self.settings.sleep and self.sleep_supported
@@ -309,7 +323,7 @@ class ColocatedEngine(GenerateApi):
             # that is the trainer's, so it is put back as it was.
             cuda = [torch.cuda.current_device()] if self.device == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
-                outputs = self.llm.generate(inputs, params, use_tqdm=False)
+                outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.adapter)
             version = self.weights_version
             self._sleep()
         results = []
@@ -358,8 +372,54 @@ class ColocatedEngine(GenerateApi):
             self.llm.collective_rpc(_load_weights_into_worker, args=(weights,))
             self.llm.reset_prefix_cache()  # cached KV came from the old weights
             self.weights_version = version
+            replaced, self.adapter = self.adapter, None  # whole weights: served without an adapter
+            self.base_version = version
+            self._forget_adapter(replaced)
             seconds = time.perf_counter() - start
         return seconds
+
+    def load_adapter(self, tensors: Mapping[str, Any], config: dict, version: int) -> float:
+        """Serve the base weights plus the LoRA adapter ``tensors`` (peft's names; ``config``: its
+        adapter_config.json) as ``version``. vLLM loads an adapter from a folder: it is written into one in
+        memory (``/dev/shm`` where there is one), loaded beside the adapter served now, then swapped in.
+        Returns the seconds it took."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self.settings.max_lora_rank is None:
+            raise ColocateError("this engine takes no LoRA adapters (built without max_lora_rank)")
+        if version <= self.weights_version:
+            raise ValueError(f"version {version} is not greater than the current {self.weights_version}")
+        if config["r"] > self.settings.max_lora_rank:
+            raise ValueError(f"adapter rank {config['r']} is over the engine's {self.settings.max_lora_rank}")
+        start = time.perf_counter()
+        memory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        folder = Path(tempfile.mkdtemp(prefix="colocated-adapter-", dir=memory))
+        try:
+            host = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+            save_file(host, folder / "adapter_model.safetensors")
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+            request = LoRARequest(f"weights-v{version}", next(self._lora_ids), str(folder))
+            with self._lock:
+                _init_omp_threads()
+                self._wake()
+                self.llm.llm_engine.add_lora(request)
+                replaced, self.adapter, self.weights_version = self.adapter, request, version
+                self._forget_adapter(replaced)
+        except BaseException:
+            if self.adapter is None or self.adapter.lora_path != str(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return time.perf_counter() - start
+
+    def _forget_adapter(self, adapter) -> None:
+        """Drop an adapter no version serves any more (called under the lock)."""
+        if adapter is None:
+            return
+        try:
+            self.llm.llm_engine.remove_lora(adapter.lora_int_id)
+        finally:
+            shutil.rmtree(adapter.lora_path, ignore_errors=True)
 
     # --- sleep -----------------------------------------------------------------------------------------
     def _sleep(self) -> None:
@@ -403,7 +463,21 @@ def settings_from_config(config, model: str | Path | None = None) -> EngineSetti
         max_model_len=config.colocate_max_model_len,
         enforce_eager=config.colocate_enforce_eager,
         seed=config.seed,
+        max_lora_rank=colocated_lora_rank(config),
     )
+
+
+def colocated_lora_rank(config) -> int | None:
+    """The engine's max LoRA rank for a trainer config: the smallest rank vLLM takes that holds
+    ``lora_rank``, with ``lora_sync: adapter``; None (no LoRA in the engine) otherwise."""
+    if not (config.lora_rank and config.lora_sync == "adapter"):
+        return None
+    from generator_server.config import LORA_RANKS
+
+    fits = [r for r in LORA_RANKS if r >= config.lora_rank]
+    if not fits:
+        raise ColocateError(f"lora_rank {config.lora_rank} is over vLLM's largest LoRA rank {LORA_RANKS[-1]}")
+    return fits[0]
 
 
 @contextmanager
@@ -421,6 +495,14 @@ def local_engine(model: str | Path, config) -> Iterator[ColocatedEngine]:
 # ---------------------------------------------------------------------------------------------------------
 # The training loop's backend
 # ---------------------------------------------------------------------------------------------------------
+@dataclass
+class AdapterSnapshot:
+    """A LoRA adapter's tensors (peft's names, served dtype) and adapter_config.json, for one push."""
+
+    tensors: dict[str, Any]
+    config: dict
+
+
 class ColocatedBackend:
     """``mode: colocate``: the :class:`~trainer_client.generation.GenerationBackend` of an in-process engine.
 
@@ -441,6 +523,12 @@ class ColocatedBackend:
     def version(self) -> int:
         return self.engine.weights_version
 
+    def max_lora_rank(self) -> int | None:
+        return self.engine.settings.max_lora_rank
+
+    def base_version(self) -> int:
+        return self.engine.base_version
+
     def generate(self, prompts, n, max_tokens, temperature, seed, top_p=1.0, stop=None, logprobs=False):
         out = self.engine.generate(
             prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
@@ -452,16 +540,25 @@ class ColocatedBackend:
     def max_pending(self) -> int:
         return 1 if self.engine.device == "cuda" else 2  # each snapshot is a copy of the model
 
-    def snapshot(self, tensors: Mapping[str, Any], dtypes: Mapping[str, str]) -> dict[str, Any]:
+    def snapshot(self, tensors: Mapping[str, Any], dtypes: Mapping[str, str], adapter: dict | None = None):
         """Copies on the policy's own device in the served dtypes: on a GPU the handover is then a
-        device-to-device copy into vLLM's parameters, with no trip through host memory."""
+        device-to-device copy into vLLM's parameters, with no trip through host memory. ``adapter``: a LoRA
+        adapter's tensors and config, an :class:`AdapterSnapshot`."""
         from trainer_client.transports.base import served_dtype
 
-        return {n: tensors[n].detach().to(served_dtype(tensors[n], d), copy=True) for n, d in dtypes.items()}
+        copies = {}
+        for n, d in dtypes.items():
+            copies[n] = tensors[n].detach().to(served_dtype(tensors[n], d), copy=True)
+        return copies if adapter is None else AdapterSnapshot(copies, adapter)
 
-    def push(self, state_dict: Mapping[str, Any], version: int) -> dict:
-        seconds = self.engine.load_weights(state_dict, version)
-        return {"weights_version": version, "load_seconds": round(seconds, 4)}
+    def push(self, snapshot: Mapping[str, Any] | AdapterSnapshot, version: int) -> dict:
+        tensors = snapshot.tensors if isinstance(snapshot, AdapterSnapshot) else snapshot
+        if isinstance(snapshot, AdapterSnapshot):
+            seconds = self.engine.load_adapter(snapshot.tensors, snapshot.config, version)
+        else:
+            seconds = self.engine.load_weights(snapshot, version)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return {"weights_version": version, "load_seconds": round(seconds, 4), "bytes": nbytes}
 
     def close(self) -> None:
         self.engine.close()

@@ -211,6 +211,33 @@ class TrainConfig(BaseModel):
     logprob_chunk_tokens. A model whose forward reads values back to the host cannot be recorded: set it
     false for such a model."""
 
+    # --- LoRA (trainer_client/lora.py; needs the `lora` extra: peft) -------------------------------------
+    lora_rank: int = Field(0, ge=0)
+    """0: train every parameter (full fine-tuning). N > 0: freeze the model and train LoRA adapters of rank N
+    (peft) on `lora_target_modules`: the base is held once, in the compute dtype (bf16 with `precision:
+    bf16`), the reference is that base with the adapters switched off (no second copy), and only the
+    adapters have gradients and AdamW state. Checkpoints hold the adapters (peft's folder, loadable by
+    `PeftModel.from_pretrained`); `trainer-client merge-lora` makes a plain model folder of one. One process
+    only (not under torchrun), and not with `cuda_graphs`."""
+    lora_alpha: float | None = Field(None, gt=0)
+    """LoRA's scale numerator: an adapter adds `lora_alpha / lora_rank * B @ A` to each target weight;
+    default: 2 x `lora_rank` (a scale of 2)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input in the policy's training forward (never in the reference's, nor in
+    generation)."""
+    lora_target_modules: list[str] | None = None
+    """Names (last parts, e.g. `[q_proj, v_proj]`) of the linear layers that get adapters; default: every
+    linear projection of the decoder blocks (peft's `all-linear`: not the output head)."""
+    lora_sync: Literal["adapter", "merged"] = "adapter"
+    """What a push sends with `lora_rank > 0`. `adapter`: only the adapters' tensors (tens of MB at 8B, by
+    `http` or `stream`), for a server started with `--enable-lora --max-lora-rank N` (N >= `lora_rank`),
+    which serves the base plus the latest adapter; `merged`: the base with the adapters merged in, every
+    tensor, as full fine-tuning pushes them, for a server without LoRA (or a model vLLM's LoRA does not
+    cover)."""
+    save_merged: bool = False
+    """`lora_rank > 0`: at the end of the run also write `output_dir/merged`, the policy with its adapters
+    merged into the base: a plain model folder, what `trainer-client merge-lora` makes of a checkpoint."""
+
     # --- several ranks: torchrun + FSDP2 (trainer_client/distributed.py) ---------------------------------
     dist_timeout_seconds: float = Field(600.0, gt=0)
     """Under torchrun: the longest any rank waits in one collective operation before it gives up with an
@@ -289,6 +316,7 @@ class TrainConfig(BaseModel):
             )
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        self._check_lora_keys()
         self._check_task_keys()
         rewards = self.reward_names
         if not rewards:
@@ -298,6 +326,35 @@ class TrainConfig(BaseModel):
                 f"reward_weights: {len(self.reward_weights)} weights for {len(rewards)} rewards {rewards}"
             )
         return self
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        """`lora_alpha`, or its default (2 x `lora_rank`)."""
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    def _check_lora_keys(self) -> None:
+        """LoRA's keys do nothing without `lora_rank`, and some combinations are refused here, before any
+        model is loaded (torchrun is refused by the learner, which knows the number of ranks)."""
+        if not self.lora_rank:
+            default = {k: TrainConfig.model_fields[k].get_default() for k in LORA_KEYS}
+            changed = [key for key in LORA_KEYS if getattr(self, key) != default[key]]
+            if changed:
+                raise ValueError(f"{changed} apply only with lora_rank > 0 (LoRA); lora_rank is 0")
+            return
+        if self.cuda_graphs:
+            raise ValueError(
+                "cuda_graphs: not with lora_rank > 0: the reference is the policy with its adapters "
+                "switched off, a switch a recorded graph cannot follow, and graphs of peft's layers are not "
+                "checked on a GPU; set cuda_graphs: false (at LoRA's usual sizes a step is bound by the "
+                "card, not by launching kernels)"
+            )
+        if self.lora_sync == "adapter" and self.push in ("ipc", "shared"):
+            raise ValueError(
+                f"push: {self.push} carries whole models only; with lora_rank > 0 and lora_sync: adapter an "
+                "adapter (tens of MB) goes by push: http or stream (or auto), or set lora_sync: merged"
+            )
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ValueError("lora_target_modules: the list is empty (null: every linear projection)")
 
     def _check_task_keys(self) -> None:
         """A reasoning-gym task's datasets and options are checked now (importing reasoning-gym, about 2 s),
@@ -314,6 +371,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{changed} apply only to `task: reasoning-gym:NAME`; task is {self.task!r}")
 
 
+LORA_KEYS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_sync", "save_merged")
+"""The keys that only LoRA (`lora_rank > 0`) reads."""
 GYM_KEYS = ("task_options", "task_train_size", "task_eval_size", "answer_format", "system_prompt")
 """The keys of a reasoning-gym task."""
 

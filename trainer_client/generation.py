@@ -81,12 +81,25 @@ class GenerationBackend(Protocol):
     max_pending: int
     """Snapshots that may wait to be pushed (each is a copy of the model)."""
 
-    def snapshot(self, tensors: Mapping[str, Any], dtypes: Mapping[str, str]) -> Any:
-        """Copy ``tensors`` for a push, in the served ``dtypes``; called in the training thread."""
+    def snapshot(
+        self, tensors: Mapping[str, Any], dtypes: Mapping[str, str], adapter: dict | None = None
+    ) -> Any:
+        """Copy ``tensors`` for a push, in the served ``dtypes``; called in the training thread. ``adapter``:
+        the tensors are a LoRA adapter's, and this is its adapter_config.json (trainer_client/lora.py)."""
+        ...
+
+    def max_lora_rank(self) -> int | None:
+        """The largest LoRA rank an adapter push may have (None: the backend takes no adapters)."""
+        ...
+
+    def base_version(self) -> int:
+        """The version whose whole weights the backend serves (0: the model it started from): an adapter
+        push is served on these."""
         ...
 
     def push(self, snapshot: Any, version: int) -> dict:
-        """Make ``snapshot`` the served weights, reported as ``version`` from then on."""
+        """Make ``snapshot`` the served weights, reported as ``version`` from then on; the answer gives the
+        ``bytes`` pushed (several replicas: each one's, under ``replicas``)."""
         ...
 
     def close(self) -> None: ...

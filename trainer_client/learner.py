@@ -23,6 +23,11 @@ Either way the log-probabilities are taken in fp32 from the logits (``dpo.token_
 
 ``cuda_graphs`` (one process on a GPU): each micro-batch's policy forward and backward, and the reference's
 forward, are replayed from CUDA graphs (graphs.py), on micro-batches padded to a few shapes.
+
+LoRA (``lora_rank > 0``, lora.py; one process): the policy is a frozen base in the compute dtype with fp32
+peft adapters, the only trainable tensors; the reference is the same model with the adapters switched off
+(inside the step), a push sends the adapters (``adapter_weights``) or the merged weights (``full_weights``),
+and a checkpoint is peft's adapter folder.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from generator_server.gguf_model import resolve_model
-from trainer_client import checkpoint, distributed
+from trainer_client import checkpoint, distributed, lora
 from trainer_client.config import TrainConfig
 from trainer_client.distributed import DistributedError, Ranks
 from trainer_client.dpo import auto_chunk_tokens, collate, dpo_loss, token_logps
@@ -180,6 +185,11 @@ class Learner:
         if distributed.world_size() > 1:
             if c.mode == "colocate":
                 raise ValueError("mode: colocate runs in one process; launch it without torchrun")
+            if c.lora_rank:
+                raise ValueError(
+                    "lora_rank > 0 runs in one process; launch it without torchrun (sharding the adapters "
+                    "over ranks with FSDP2 is not implemented; with LoRA an 8B model trains on one 80 GB GPU)"
+                )
             self.ranks = Ranks.start(c.device, c.dist_timeout_seconds)
         try:
             self._build(resume)
@@ -204,21 +214,37 @@ class Learner:
         # --- models: policy in fp32 (master weights), reference frozen in the compute dtype ----------------
         ref_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         where = "cpu" if ranks else self.device  # sharded: fully_shard moves each rank's shard to its device
-        self.policy = load_model(resume or model_dir, torch.float32, where)
-        self.reference = load_model(ref_dir, ref_dtype, where)
+        self.lora = c.lora_rank > 0
+        if resume and lora.is_lora_checkpoint(resume) != self.lora:
+            held = "a whole model" if self.lora else "LoRA adapters"
+            raise ValueError(f"checkpoint {resume} holds {held}; this run has lora_rank {c.lora_rank}")
+        if self.lora:  # (lora.py) a frozen base in the compute dtype, fp32 adapters on it
+            self.policy = lora.add_adapters(load_model(model_dir, ref_dtype, where), c, resume)
+            self.net = self.policy.get_base_model()  # the adapted model: its forward runs the adapters
+            # the reference: this very base with the adapters off, unless ref_model names another model
+            self.reference = load_model(ref_dir, ref_dtype, where) if c.ref_model else None
+        else:
+            self.policy = self.net = load_model(resume or model_dir, torch.float32, where)
+            self.reference = load_model(ref_dir, ref_dtype, where)
         self.policy.eval()  # no dropout: the log-probabilities must be those the server samples with
-        self.reference.eval().requires_grad_(False)
+        if self.lora:
+            lora.train_dropout(self.policy)  # (lora_dropout: the adapters' own dropout, training only)
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
         if c.gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)
+            enable_gradient_checkpointing(self.net)
         check_finite(self.policy.state_dict(), f"check the model folder {resume or c.model}")
         on_gpu = torch.device(self.device).type == "cuda"
         self.side_stream = torch.cuda.Stream(self.device) if on_gpu and not ranks else None
         """The CUDA stream ``reference_pair_logps`` runs on, beside the step's (one process on a GPU)."""
         chunk = c.logprob_chunk_tokens
         if chunk == "auto":
-            chunk = 0 if c.cuda_graphs else auto_chunk_tokens(self.policy)
-        self.policy_logps = LogProbs(self.policy, chunk)
-        self.reference_logps = LogProbs(self.reference, chunk)
+            chunk = 0 if c.cuda_graphs else auto_chunk_tokens(self.net)
+        self.policy_logps = LogProbs(self.net, chunk)
+        if self.reference is not None:
+            self.reference_logps = LogProbs(self.reference, chunk)
+        else:  # LoRA: the policy's own forward with its adapters switched off
+            self.reference_logps = lora.AdaptersOff(self.policy, LogProbs(self.net, chunk))
         if ranks:
             compute = torch.bfloat16 if self.precision == "bf16" else None
             for model, root in ((self.policy, self.policy_logps), (self.reference, self.reference_logps)):
@@ -229,8 +255,10 @@ class Learner:
         # (a step at online DPO's small shapes is bound by launching kernels). Sharded, the default foreach
         # implementation, which FSDP2's DTensors are tested with here.
         self.fused_adamw = ranks is None and torch.device(self.device).type == "cuda"
+        # (after sharding, which replaces the parameters; LoRA: the adapters only)
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay,
+            self.trainable, lr=c.learning_rate, weight_decay=c.weight_decay,
             fused=self.fused_adamw or None,
         )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(c))
@@ -294,8 +322,10 @@ class Learner:
     def reference_ahead(self) -> bool:
         """Whether the reference's log-probabilities of a step's pairs can be taken ahead of the step, in
         another thread (``reference_pair_logps``): in one process. Sharded, the reference's forward is a
-        collective of all ranks, and stays inside the step."""
-        return self.ranks is None
+        collective of all ranks, and stays inside the step. With LoRA and no ``ref_model``, the reference is
+        the policy with its adapters switched off, a switch the step running in the other thread would see:
+        it stays inside the step too."""
+        return self.ranks is None and self.reference is not None
 
     def reference_pair_logps(self, samples: GenerationBatch, pairs: Pairs) -> torch.Tensor:
         """The reference's log-probabilities of each pair's chosen and rejected completion (summed over the
@@ -355,7 +385,7 @@ class Learner:
 
             if P:  # (an infinite max_norm only measures)
                 max_norm = c.max_grad_norm if c.max_grad_norm is not None else math.inf
-                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+                norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
                 norm = distributed.full_tensor(norm).double().reshape(1)  # (sharded: a replicated DTensor)
                 totals = torch.cat([totals, norm])
             values = totals.tolist()  # the step's one read from the device
@@ -461,13 +491,20 @@ class Learner:
     # ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's tensors by name, live: full tensors in one process, this rank's shards (DTensors,
-        whose shapes are the full ones) on several ranks, where ``full_weights()`` gathers them."""
+        whose shapes are the full ones) on several ranks, where ``full_weights()`` gathers them. (LoRA: the
+        base's and the adapters' tensors, as peft names them.)"""
         return self.policy.state_dict()
 
     def tensor_specs(self) -> dict[str, tuple[list[int], int]]:
-        """The policy's tensors: name -> (full shape, storage key); tied tensors share a storage key."""
-        state = self.policy.state_dict()
+        """The policy's tensors as the model folder names them: name -> (full shape, storage key); tied
+        tensors share a storage key. (LoRA: the base's tensors, which a merged push sends.)"""
+        state = lora.base_tensors(self.policy) if self.lora else self.policy.state_dict()
         return {n: (list(t.shape), distributed.local_tensor(t).data_ptr()) for n, t in state.items()}
+
+    def adapter_weights(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """LoRA: the adapters' tensors (live, fp32; named as in peft's adapter_model.safetensors) and their
+        adapter_config.json (lora.wire_config): what an adapter push sends."""
+        return lora.adapter_tensors(self.policy), lora.wire_config(self.policy)
 
     def check_finite(self, advice: str) -> None:
         """Raise :class:`NotFiniteError` naming the policy's tensors that hold NaN or Inf."""
@@ -475,7 +512,8 @@ class Learner:
             self._check_finite(advice)
 
     def _check_finite(self, advice: str) -> None:
-        state = self.policy.state_dict()
+        # (LoRA: the adapters only; the frozen base was checked once, when loaded)
+        state = lora.adapter_tensors(self.policy) if self.lora else self.policy.state_dict()
         if self.ranks is None:
             return check_finite(state, advice)
         floats = [n for n, t in state.items() if t.is_floating_point()]  # each rank checks its shards
@@ -487,7 +525,10 @@ class Learner:
     def full_weights(self, names: Iterable[str] | None = None) -> Mapping[str, torch.Tensor]:
         """The policy's full tensors by name (``names``, default all; live: the next step changes them, copy
         before pushing). On several ranks (rank 0 only): a mapping that gathers them as they are read,
-        ``gather_bucket_mib`` at a time along the order of ``names`` (read them in that order)."""
+        ``gather_bucket_mib`` at a time along the order of ``names`` (read them in that order). LoRA: the
+        base with the adapters merged in (fp32), each merged tensor computed as it is read."""
+        if self.lora:
+            return lora.MergedWeights(self.policy)
         state = self.policy.state_dict()
         if self.ranks is None:
             return state if names is None else {name: state[name] for name in names}
@@ -505,7 +546,8 @@ class Learner:
 
     def save_checkpoint(self, path: str | Path, extra: dict) -> Path:
         """A Hugging Face folder of the policy (fp32) and tokenizer, plus what resuming needs (optimizer,
-        scheduler, RNG, ``step``, ``extra``)."""
+        scheduler, RNG, ``step``, ``extra``). LoRA: peft's adapter folder (fp32 adapters) in place of the
+        model's weights."""
         if self.ranks is None:
             return checkpoint.save_checkpoint(
                 path, self.policy, self.tokenizer, self.optimizer, self.scheduler, self.step, extra

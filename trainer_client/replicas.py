@@ -112,6 +112,8 @@ class ReplicaSnapshot:
     model)."""
 
     by_kind: dict[str, Any]
+    adapter: dict | None = None
+    """A LoRA adapter's config when the tensors are an adapter's (see ``GenerationBackend.snapshot``)."""
 
 
 @dataclass(eq=False)
@@ -302,13 +304,22 @@ class ReplicaSetBackend:
     def max_pending(self) -> int:
         return min(r.backend.max_pending for r in self.replicas)
 
-    def snapshot(self, tensors, dtypes) -> ReplicaSnapshot:
+    def snapshot(self, tensors, dtypes, adapter=None) -> ReplicaSnapshot:
         """One copy per transport kind the replicas use (a dropped replica's too: it comes back to it)."""
         by_kind: dict[str, Any] = {}
         for r in self.replicas:
             if r.refused is None and r.kind not in by_kind:
-                by_kind[r.kind] = r.backend.snapshot(tensors, dtypes)
-        return ReplicaSnapshot(by_kind)
+                by_kind[r.kind] = r.backend.snapshot(tensors, dtypes, adapter)
+        return ReplicaSnapshot(by_kind, adapter)
+
+    def max_lora_rank(self) -> int | None:
+        """The largest LoRA rank every replica takes (None if one takes no adapters)."""
+        ranks = [r.backend.max_lora_rank() for r in self.replicas]
+        return None if None in ranks else min(ranks)
+
+    def base_version(self) -> int:
+        """The highest version of whole weights a replica serves (0: all serve their --model's)."""
+        return max(r.backend.base_version() for r in self.replicas)
 
     def push(self, snapshot: ReplicaSnapshot, version: int) -> dict:
         """Push to every live replica at once; the ones that fail are dropped (and get the latest weights
@@ -328,7 +339,7 @@ class ReplicaSetBackend:
         if payload is None:  # its transport changed since (push: auto fell back from ipc to http)
             tensors = snapshot_tensors(next(iter(snapshot.by_kind.values())))
             dtypes = {n: str(t.dtype).removeprefix("torch.") for n, t in tensors.items()}
-            payload = replica.backend.snapshot(tensors, dtypes)
+            payload = replica.backend.snapshot(tensors, dtypes, snapshot.adapter)
         if replica.kind == "shared":
             with self._shared_file:
                 out = replica.backend.push(payload, version)

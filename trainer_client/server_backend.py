@@ -13,6 +13,11 @@ from trainer_client.transports.stream import StreamUnreachable
 log = logging.getLogger(__name__)
 
 
+def pushes_adapters(config) -> bool:
+    """Whether a trainer config's pushes are LoRA adapters (``lora_rank > 0``, ``lora_sync: adapter``)."""
+    return config is not None and config.lora_rank > 0 and config.lora_sync == "adapter"
+
+
 class ServerBackend:
     """Generation over HTTP by a running generation server (the whole batch in one request; with a seed,
     the server samples prompt ``i`` with ``seed + i``). Weights go up by the transport ``push`` names
@@ -30,12 +35,22 @@ class ServerBackend:
     def weights_spec(self) -> tuple[int, dict[str, tuple[list[int], str]]]:
         spec = self.target = self.client.weights_spec()
         if self.transport is None:
-            name = choose_transport(self.push_mode, spec, self.device)
+            name = choose_transport(self.push_mode, spec, self.device, adapter=pushes_adapters(self.config))
             self.transport = make_transport(name, self.client, self.config, spec)
         return spec.weights_version, {k: (t.shape, t.dtype) for k, t in spec.tensors.items()}
 
     def version(self) -> int:
         return self.client.health().weights_version
+
+    def max_lora_rank(self) -> int | None:
+        if self.target is None:
+            self.weights_spec()
+        return self.target.max_lora_rank
+
+    def base_version(self) -> int:
+        if self.target is None:
+            self.weights_spec()
+        return self.target.base_version
 
     def generate(self, prompts, n, max_tokens, temperature, seed, top_p=1.0, stop=None, logprobs=False):
         out = self.client.generate(
@@ -53,8 +68,8 @@ class ServerBackend:
     def max_pending(self) -> int:
         return self._transport().max_pending
 
-    def snapshot(self, tensors, dtypes):
-        return self._transport().snapshot(tensors, dtypes)
+    def snapshot(self, tensors, dtypes, adapter=None):
+        return self._transport().snapshot(tensors, dtypes, adapter)
 
     def push(self, snapshot, version: int) -> dict:
         transport = self._transport()

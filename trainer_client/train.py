@@ -67,6 +67,28 @@ def sampling_params(c: TrainConfig, task) -> dict:
     )
 
 
+def check_takes_adapters(backend: GenerationBackend, rank: int, where: str) -> None:
+    """Raise :class:`IncompatibleServerError` unless the backend takes LoRA adapters of rank ``rank``."""
+    limit = backend.max_lora_rank()
+    if limit is None:
+        raise IncompatibleServerError(
+            f"{where} takes no LoRA adapters (lora_sync: adapter): start it with --enable-lora "
+            f"--max-lora-rank {max(16, rank)}, or set lora_sync: merged to push whole weights with the "
+            "adapters merged in"
+        )
+    if rank > limit:
+        raise IncompatibleServerError(
+            f"lora_rank {rank} is over the --max-lora-rank {limit} of {where}: restart it with a larger "
+            "--max-lora-rank, or lower lora_rank"
+        )
+    if backend.base_version():
+        raise IncompatibleServerError(
+            f"{where} serves whole weights pushed as version {backend.base_version()}, not those of its "
+            "--model, and an adapter would be served on them: restart it from the model this run trains "
+            "(or set lora_sync: merged)"
+        )
+
+
 def check_compatible(
     server_tensors: dict[str, tuple[list[int], str]], ours: dict[str, tuple[list[int], int]], where: str
 ) -> list[str]:
@@ -245,9 +267,16 @@ def run_training(
         push_names = check_compatible(server_tensors, learner.tensor_specs(), where)
         offset = 0 if (start_step == 0 and server_version == 0) else max(0, server_version + 1 - start_step)
         served_dtypes = {n: server_tensors[n][1] for n in push_names}
+        adapters = learner.lora and c.lora_sync == "adapter"  # (LoRA: pushes of the adapters alone)
+        if adapters:
+            check_takes_adapters(backend, c.lora_rank, where)
+            served_float = next(d for d in served_dtypes.values() if d.startswith(("float", "bfloat")))
 
         def snapshot():  # a copy the optimizer will not modify while it is pushed, in the served dtypes
             learner.check_finite("lower learning_rate and resume from the last checkpoint")
+            if adapters:
+                tensors, config = learner.adapter_weights()
+                return backend.snapshot(tensors, dict.fromkeys(tensors, served_float), adapter=config)
             return backend.snapshot(learner.full_weights(served_dtypes), served_dtypes)
 
         # the producer thread scores the batches and takes the reference's log-probabilities of their pairs
@@ -378,6 +407,12 @@ def run_training(
             step_end = time.monotonic() - paused
         pusher.close()
         metrics.flush(pusher.served)
+        merged = None
+        if learner.lora and c.save_merged:  # (lora.py: the final checkpoint's adapters in the base)
+            from trainer_client.lora import merge_checkpoint
+
+            merged = merge_checkpoint(last_checkpoint, out / "merged", base=c.model)
+            log.info("merged model written to %s", merged)
     return {
         "rank": 0,
         "steps": c.steps,
@@ -385,6 +420,7 @@ def run_training(
         "output_dir": str(out),
         "metrics_path": str(metrics.path),
         "final_checkpoint": str(last_checkpoint),
+        "merged_model": None if merged is None else str(merged),
         "version_offset": offset,
         "server_version": c.steps + offset,
         "wall_seconds": round(time.monotonic() - loop_start, 3),

@@ -60,15 +60,17 @@ class Pusher:
         self.thread.start()
 
     def push_now(self, version: int, snapshot: dict, record: dict | None = None) -> None:
-        """Push ``snapshot`` as policy ``version`` from the calling thread (``record["push_seconds"]`` is set
-        before anyone learns that the version is served)."""
+        """Push ``snapshot`` as policy ``version`` from the calling thread (``record["push_seconds"]`` and
+        ``record["push_bytes"]`` are set before anyone learns that the version is served)."""
         t0 = time.monotonic()
         with self.push_lock:
-            self.backend.push(snapshot, version + self.offset)
+            answer = self.backend.push(snapshot, version + self.offset)
             self.latest = (version, snapshot)
             self.server_version = version + self.offset
         if record is not None:
             record["push_seconds"] = round(time.monotonic() - t0, 4)
+            record["push_bytes"] = pushed_bytes(answer)
+            record["push_pause_seconds"] = pushed_pause(answer)
         with self.cond:
             self.served = max(self.served, version)
             self.cond.notify_all()
@@ -129,6 +131,30 @@ class Pusher:
                     self.error = e
                     self.cond.notify_all()
                 return
+
+
+def pushed_bytes(answer) -> int | None:
+    """The bytes of one copy of a pushed version, from the backend's answer (several replicas: the largest
+    any one of them received); None where the backend does not say."""
+    if not isinstance(answer, dict):
+        return None
+    if answer.get("bytes") is not None:
+        return int(answer["bytes"])
+    each = [r.get("bytes") for r in (answer.get("replicas") or {}).values() if isinstance(r, dict)]
+    each = [b for b in each if b is not None]
+    return max(each) if each else None
+
+
+def pushed_pause(answer) -> float | None:
+    """The seconds a push held generation stopped (the server's swap, its ``load_seconds``; several
+    replicas: the longest), from the backend's answer; None where the backend does not say."""
+    if not isinstance(answer, dict):
+        return None
+    if answer.get("load_seconds") is not None:
+        return round(float(answer["load_seconds"]), 4)
+    each = [r.get("load_seconds") for r in (answer.get("replicas") or {}).values() if isinstance(r, dict)]
+    each = [s for s in each if s is not None]
+    return round(max(each), 4) if each else None
 
 
 class Producer:

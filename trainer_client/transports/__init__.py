@@ -28,15 +28,17 @@ from trainer_client.client import GeneratorClient
 from trainer_client.transports.base import TransportError, WeightTransport
 
 
-def choose_transport(requested: str, target: PushTarget, device: str) -> str:
+def choose_transport(requested: str, target: PushTarget, device: str, adapter: bool = False) -> str:
     """The transport ``requested`` (``auto`` resolved) for a server described by ``target``; raise
-    :class:`TransportError` saying why when the server cannot take it."""
+    :class:`TransportError` saying why when the server cannot take it. ``adapter``: the pushes are LoRA
+    adapters, which only ``http`` and ``stream`` carry (``auto`` never picks ``ipc`` for them)."""
     from trainer_client.transports.ipc import local_gpu
 
     offered = target.transports
     if requested == "auto":
         here = local_gpu(device)
-        if "ipc" in offered and here is not None and here == (target.host_id, target.gpu_uuid):
+        on_its_gpu = here is not None and here == (target.host_id, target.gpu_uuid)
+        if not adapter and "ipc" in offered and on_its_gpu:
             return "ipc"
         return "stream" if "stream" in offered and target.stream_port is not None else "http"
     if requested not in offered:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
+
+from online_dpo_protocol.models import ADAPTER_METADATA_KEY
 
 
 class TransportError(RuntimeError):
@@ -17,9 +20,12 @@ class WeightTransport(Protocol):
     max_pending: int
     """Snapshots that may wait for the pusher: each one is a copy of the model (host or device memory)."""
 
-    def snapshot(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]) -> Any:
+    def snapshot(
+        self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str], adapter: dict | None = None
+    ) -> Any:
         """Copy ``tensors`` (name -> live tensor) as the server serves them (``dtypes``: name -> torch dtype
-        name, e.g. ``bfloat16``); called in the training thread, so it must be quick."""
+        name, e.g. ``bfloat16``); called in the training thread, so it must be quick. ``adapter``: the
+        tensors are a LoRA adapter's and this is its adapter_config.json (``http`` and ``stream`` only)."""
         ...
 
     def push(self, snapshot: Any, version: int) -> dict:
@@ -27,6 +33,23 @@ class WeightTransport(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def adapter_metadata(adapter: dict | None) -> dict[str, str] | None:
+    """The safetensors metadata of an adapter push (its config as JSON), or None for whole weights."""
+    if adapter is None:
+        return None
+    return {ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True)}
+
+
+def refuse_adapter(name: str, adapter: dict | None) -> None:
+    """Raise :class:`TransportError` for an adapter snapshot on a transport ``name`` that carries whole
+    models only."""
+    if adapter is not None:
+        raise TransportError(
+            f"push: {name} carries whole models only; push a LoRA adapter by http or stream, or set "
+            "lora_sync: merged"
+        )
 
 
 def served_dtype(tensor: torch.Tensor, served: str) -> torch.dtype:

@@ -35,7 +35,7 @@ from trainer_client.client import (
     safetensors_layout,
     tensor_bytes,
 )
-from trainer_client.transports.base import host_snapshot, served_dtype
+from trainer_client.transports.base import adapter_metadata, host_snapshot, served_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class HttpSnapshot:
     body: SafetensorsBody
     digest: Blake3Digest | ChunkedSha256
     """The body's digest (``digest.name`` says which), being computed in the transport's threads."""
+    adapter: bool = False
+    """A LoRA adapter's tensors (its config in the body's metadata), pushed with ``adapter=true``."""
 
 
 class HttpTransport:
@@ -93,15 +95,18 @@ class HttpTransport:
             return Blake3Digest(self._blake3_thread)
         return ChunkedSha256(self._sha256_pool)
 
-    def snapshot(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]) -> HttpSnapshot:
+    def snapshot(
+        self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str], adapter: dict | None = None
+    ) -> HttpSnapshot:
         digest = self._new_digest()
+        metadata = adapter_metadata(adapter)
         if getattr(tensors, "gathers_on_read", False):
             # A sharded learner's tensors (distributed.FullTensors): each read of another bucket gathers it
             # on every rank, so read once, in the buckets' order, and hash once everything is copied.
             names = [n for n in tensors if n in dtypes] + [n for n in dtypes if n not in tensors]
             copies = {name: self._copy(tensors, name, dtypes[name]) for name in names}
             head, order = safetensors_layout(
-                {n: (safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in copies.items()}
+                {n: (safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in copies.items()}, metadata
             )
             digest.add(head)
             for name in order:
@@ -112,16 +117,16 @@ class HttpTransport:
                 t = tensors[name]
                 specs[name] = (safetensors_dtype(served_dtype(t, served)), tuple(t.shape))
             # the layout is known before any copy, so each tensor is hashed while the next ones copy
-            head, order = safetensors_layout(specs)
+            head, order = safetensors_layout(specs, metadata)
             digest.add(head)
             copies = {}
             for name in order:
                 copies[name] = self._copy(tensors, name, dtypes[name])
                 digest.add(tensor_bytes(copies[name]))  # hashed in the digest's threads
         digest.close()
-        body = SafetensorsBody(copies)  # views of the same memory the threads hash
+        body = SafetensorsBody(copies, metadata)  # views of the same memory the threads hash
         assert body.head == head and body.order == order
-        return HttpSnapshot(body, digest)
+        return HttpSnapshot(body, digest, adapter=adapter is not None)
 
     @staticmethod
     def _copy(tensors: Mapping[str, torch.Tensor], name: str, served: str) -> torch.Tensor:
@@ -131,7 +136,9 @@ class HttpTransport:
         try:
             if isinstance(snapshot, HttpSnapshot):
                 digest = self._digest_argument(snapshot)
-                return self.client.push_body(snapshot.body, version, **digest).model_dump()
+                return self.client.push_body(
+                    snapshot.body, version, adapter=snapshot.adapter, **digest
+                ).model_dump()
             return self.client.push_weights(snapshot, version).model_dump()
         except StaleVersionError:
             # A retried PUT whose first attempt did land answers 409; that is success.

@@ -20,7 +20,7 @@ import torch
 
 from online_dpo_protocol import host_id
 from trainer_client.client import GeneratorClient, GeneratorError, StaleVersionError
-from trainer_client.transports.base import TransportError, served_dtype
+from trainer_client.transports.base import TransportError, refuse_adapter, served_dtype
 
 ALIGN = 256
 """Byte alignment of each tensor inside a bucket (any dtype's view is aligned; kernels stay vectorised)."""
@@ -123,7 +123,10 @@ class IpcTransport:
         self.client = client
         self.bucket_bytes = bucket_bytes
 
-    def snapshot(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]) -> list[Bucket]:
+    def snapshot(
+        self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str], adapter: dict | None = None
+    ) -> list[Bucket]:
+        refuse_adapter(self.name, adapter)
         if not all(tensors[n].is_cuda for n in dtypes):
             raise TransportError("push: ipc needs the policy on a CUDA device")
         buckets = pack_buckets(tensors, dtypes, self.bucket_bytes)

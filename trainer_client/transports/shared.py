@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from trainer_client.client import GeneratorClient, StaleVersionError
-from trainer_client.transports.base import host_snapshot
+from trainer_client.transports.base import host_snapshot, refuse_adapter
 
 
 class SharedFolderTransport:
@@ -25,7 +25,8 @@ class SharedFolderTransport:
         self.shared_dir = Path(shared_dir)
         self.shared_dir_on_server = shared_dir_on_server or str(self.shared_dir.resolve())
 
-    def snapshot(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str]):
+    def snapshot(self, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str], adapter=None):
+        refuse_adapter(self.name, adapter)
         return host_snapshot(tensors, dtypes)
 
     def push(self, snapshot, version: int) -> dict:

@@ -39,7 +39,8 @@ class StreamTransport(HttpTransport):
     def push(self, snapshot: HttpSnapshot, version: int) -> dict:
         body = snapshot.body
         try:
-            begun = self.client.stream_begin(version, body.nbytes)  # (the digest may still be hashing)
+            # (the digest may still be hashing)
+            begun = self.client.stream_begin(version, body.nbytes, adapter=snapshot.adapter)
         except StaleVersionError:  # a retried begin whose first attempt's upload had landed
             if self.client.health().weights_version == version:
                 return {"weights_version": version}
