@@ -349,6 +349,18 @@ def test_auto_chunks_take_the_lm_head_over_completions_only(models, batch):
     assert auto_chunk_tokens(auto.policy) == 0
 
 
+def test_auto_chunks_on_a_gpu_only_beyond_the_logits_bound():
+    """`auto` keeps the plain path on a GPU while a micro-batch's fp32 logits fit in the bound (no host sync
+    to count completion tokens), chunks beyond it (long generations), and always chunks on the CPU."""
+    from trainer_client.dpo import AUTO_CHUNK_LOGITS_BYTES, auto_chunks_for
+
+    vocab = 49152
+    fits = AUTO_CHUNK_LOGITS_BYTES // (4 * vocab)  # positions whose logits fill the bound
+    assert auto_chunks_for(1365, "cuda", fits, vocab) == 0
+    assert auto_chunks_for(1365, "cuda", 64 * 1280, vocab) == 1365  # 64 sequences of 1280 tokens: 16 GB
+    assert auto_chunks_for(1365, "cpu", 8, vocab) == 1365
+
+
 def test_chunked_logps_refuse_a_transformed_lm_head(models):
     from transformers import AutoModelForCausalLM
 

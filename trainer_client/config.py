@@ -199,8 +199,9 @@ class TrainConfig(BaseModel):
     (with more than one chunk, recomputed in the backward pass), so the fp32 logits of all tokens (tokens x
     vocabulary: 16 GB for 64 sequences of 1280 tokens and a 49k vocabulary) never exist at once; 0 = the
     lm_head over every position at once. `auto`: chunks of at most 256 MiB of logits (1365 tokens for a 49k
-    vocabulary), or 0 with `cuda_graphs` (shapes read from the data) and for models whose logits are not
-    the lm_head's output (Gemma 2/3's softcapping), where an explicit number is refused."""
+    vocabulary), except on a GPU for a micro-batch whose whole logits fit in 256 MiB (the plain path there
+    needs no host sync), and 0 with `cuda_graphs` (shapes read from the data) and for models whose logits
+    are not the lm_head's output (Gemma 2/3's softcapping), where an explicit number is refused."""
     cuda_graphs: bool = False
     """Record the policy's forward and backward of each micro-batch shape, and the reference's forward, as
     CUDA graphs and replay them (one process on a GPU). At online DPO's small shapes a step is bound by

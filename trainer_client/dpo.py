@@ -88,6 +88,17 @@ def auto_chunk_tokens(model) -> int:
     return max(64, AUTO_CHUNK_LOGITS_BYTES // (4 * vocab))
 
 
+def auto_chunks_for(chunk_tokens: int, device_type: str, tokens: int, vocab: int) -> int:
+    """The chunk size ``logprob_chunk_tokens: auto`` uses for one forward of ``tokens`` positions (B x T):
+    ``chunk_tokens`` on a CPU, where taking the lm_head over the completions only saves the prompt's share
+    of its compute; on a GPU 0 (the plain path: no host sync to count the completion tokens, which a step
+    bound by launching kernels feels) while the whole micro-batch's fp32 logits fit in
+    ``AUTO_CHUNK_LOGITS_BYTES``, and ``chunk_tokens`` beyond (long generations)."""
+    if device_type == "cpu" or tokens * vocab * 4 > AUTO_CHUNK_LOGITS_BYTES:
+        return chunk_tokens
+    return 0
+
+
 def chunked_token_logps(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None, chunk_tokens: int
 ) -> torch.Tensor:

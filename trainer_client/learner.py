@@ -50,7 +50,7 @@ from generator_server.gguf_model import resolve_model
 from trainer_client import checkpoint, distributed, lora
 from trainer_client.config import TrainConfig
 from trainer_client.distributed import DistributedError, Ranks
-from trainer_client.dpo import auto_chunk_tokens, collate, dpo_loss, token_logps
+from trainer_client.dpo import auto_chunk_tokens, auto_chunks_for, collate, dpo_loss, token_logps
 from trainer_client.graphs import CudaGraphs, bucket
 
 if TYPE_CHECKING:
@@ -154,12 +154,16 @@ class LogProbs(nn.Module):
     (chunked or not) run inside the root's forward, with its parameters (embeddings, final norm, lm_head)
     gathered, and their gradients reduced after its backward."""
 
-    def __init__(self, model, chunk_tokens: int):
+    def __init__(self, model, chunk_tokens: int, auto: bool = False):
         super().__init__()
-        self.model, self.chunk_tokens = model, chunk_tokens
+        self.model, self.chunk_tokens, self.auto = model, chunk_tokens, auto
+        self.vocab = model.config.get_text_config().vocab_size
 
     def forward(self, input_ids, attention_mask, mask):  # (B, T) each -> (B, T)
-        return token_logps(self.model, input_ids, attention_mask, mask, self.chunk_tokens)
+        chunk = self.chunk_tokens
+        if self.auto and chunk:  # (logprob_chunk_tokens: auto) the plain path for small batches on a GPU
+            chunk = auto_chunks_for(chunk, input_ids.device.type, input_ids.numel(), self.vocab)
+        return token_logps(self.model, input_ids, attention_mask, mask, chunk)
 
 
 @dataclass
@@ -237,14 +241,14 @@ class Learner:
         on_gpu = torch.device(self.device).type == "cuda"
         self.side_stream = torch.cuda.Stream(self.device) if on_gpu and not ranks else None
         """The CUDA stream ``reference_pair_logps`` runs on, beside the step's (one process on a GPU)."""
-        chunk = c.logprob_chunk_tokens
-        if chunk == "auto":
+        chunk, auto = c.logprob_chunk_tokens, c.logprob_chunk_tokens == "auto"
+        if auto:
             chunk = 0 if c.cuda_graphs else auto_chunk_tokens(self.net)
-        self.policy_logps = LogProbs(self.net, chunk)
+        self.policy_logps = LogProbs(self.net, chunk, auto)
         if self.reference is not None:
-            self.reference_logps = LogProbs(self.reference, chunk)
+            self.reference_logps = LogProbs(self.reference, chunk, auto)
         else:  # LoRA: the policy's own forward with its adapters switched off
-            self.reference_logps = lora.AdaptersOff(self.policy, LogProbs(self.net, chunk))
+            self.reference_logps = lora.AdaptersOff(self.policy, LogProbs(self.net, chunk, auto))
         if ranks:
             compute = torch.bfloat16 if self.precision == "bf16" else None
             for model, root in ((self.policy, self.policy_logps), (self.reference, self.reference_logps)):
