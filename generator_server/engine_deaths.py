@@ -101,6 +101,15 @@ class DeathWatch:
         # A signal explains everything after it (the engine core's own error once its worker is gone, its
         # exit status 1); without one, the first exception is the cause and the rest its echoes.
         records = self.reported()
+        # "cancelled" is the echo of an executor shut down by its worker monitor, which logs the worker it
+        # found dead: wait for that line a little longer (on a loaded machine it can come late)
+        while (
+            any("cancelled" in (r.get("error") or "") for r in records)
+            and not any(WORKER_DIED.search(r["message"]) for r in records)
+            and time.monotonic() < deadline + wait
+        ):
+            time.sleep(0.1)
+            records = self.reported()
         killed = [
             describe_exit(died["name"], None, int(died["code"]), oom_killed)
             for died in (WORKER_DIED.search(r["message"]) for r in records)

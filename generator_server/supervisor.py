@@ -75,7 +75,7 @@ class EngineSupervisor:
                     path.unlink()
                 self._folder.rmdir()
 
-    async def death_cause(self, timeout: float = 5.0) -> str | None:
+    async def death_cause(self, timeout: float = 15.0) -> str | None:
         """Why the engine died, once read (waiting up to ``timeout`` seconds for it): for the answer of a
         request the engine died under."""
         try:

@@ -87,7 +87,8 @@ def test_a_killed_engine_says_why_and_a_new_one_serves(tiny_model_dir, make_weig
         assert health.status_code == 503, health.text
         body = health.json()
         assert body["status"] == "starting" and "SIGKILL" in body["detail"], body
-        assert "SIGKILL" in body["last_engine_error"] and body["engine_restarts"] == 0, body
+        # (engine_restarts counts engines started after a death: 0 or already 1 while the new one starts)
+        assert "SIGKILL" in body["last_engine_error"] and body["engine_restarts"] in (0, 1), body
         with GeneratorClient(server.url, api_key=API_KEY, max_retries=0) as trainer_side:
             with pytest.raises(GeneratorUnavailable, match="SIGKILL"):
                 trainer_side.generate(prompts=["Hi"], max_tokens=2)
