@@ -224,3 +224,24 @@ def make_weights(tiny_model_dir, tmp_path_factory) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """The learner tests' batch (test_learner, test_lora): 3 prompts x K=3 samples of random tokens (ragged
+    lengths: padding in every micro-batch); 3 pairs."""
+    from online_dpo_protocol import Completion
+    from trainer_client.generation import GenerationBatch
+
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 512, (n,), generator=generator).tolist()
+
+    prompts = [tokens(n) for n in (5, 9, 3)]
+    completions = [
+        [Completion(text="", token_ids=tokens(n), logprobs=None, finish_reason="stop") for n in lengths]
+        for lengths in ((7, 12, 4), (10, 3, 8), (6, 6, 11))
+    ]
+    samples = GenerationBatch(0, ["a", "b", "c"], prompts, completions)
+    return samples, [(0, 1, 2), (1, 0, 1), (2, 2, 0)]

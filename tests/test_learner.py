@@ -18,8 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer_client.backends import GenerationBatch
-from trainer_client.client import Completion
 from trainer_client.config import ConfigError, TrainConfig, load_config
 from trainer_client.dpo import collate, token_logps
 from trainer_client.graphs import bucket
@@ -55,23 +53,6 @@ def noisy_copy(model_dir: Path, out: Path, seed: int, scale: float = 0.1) -> Pat
 def models(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("learner-models")
     return noisy_copy(tiny_model_dir, root / "policy", 1), noisy_copy(tiny_model_dir, root / "reference", 2)
-
-
-@pytest.fixture(scope="module")
-def batch() -> tuple[GenerationBatch, list[tuple[int, int, int]]]:
-    """3 prompts x K=3 samples of random tokens (ragged lengths: padding in every micro-batch); 3 pairs."""
-    generator = torch.Generator().manual_seed(0)
-
-    def tokens(n: int) -> list[int]:
-        return torch.randint(3, 512, (n,), generator=generator).tolist()
-
-    prompts = [tokens(n) for n in (5, 9, 3)]
-    completions = [
-        [Completion(text="", token_ids=tokens(n), logprobs=None, finish_reason="stop") for n in lengths]
-        for lengths in ((7, 12, 4), (10, 3, 8), (6, 6, 11))
-    ]
-    samples = GenerationBatch(0, ["a", "b", "c"], prompts, completions)
-    return samples, [(0, 1, 2), (1, 0, 1), (2, 2, 0)]
 
 
 def learner(models, **overrides) -> Learner:

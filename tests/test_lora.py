@@ -29,7 +29,6 @@ from server_process import running_server
 from online_dpo_protocol.models import ADAPTER_METADATA_KEY
 from trainer_client.client import Completion, GeneratorClient
 from trainer_client.config import ConfigError, TrainConfig, load_config
-from trainer_client.generation import GenerationBatch
 from trainer_client.learner import Learner
 from trainer_client.lora import MergedWeights, adapter_tensors, base_tensors, is_lora_checkpoint, wire_config
 from trainer_client.server_backend import ServerBackend
@@ -192,21 +191,6 @@ def test_a_server_without_lora_refuses_adapter_pushes(server, client, tiny_model
 # ----------------------------------------------------------------------------------------------------------
 # The learner
 # ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def batch() -> tuple[GenerationBatch, list[tuple[int, int, int]]]:
-    generator = torch.Generator().manual_seed(0)
-
-    def tokens(n: int) -> list[int]:
-        return torch.randint(3, 512, (n,), generator=generator).tolist()
-
-    prompts = [tokens(n) for n in (5, 9, 3)]
-    completions = [
-        [Completion(text="", token_ids=tokens(n), logprobs=None, finish_reason="stop") for n in lengths]
-        for lengths in ((7, 12, 4), (10, 3, 8), (6, 6, 11))
-    ]
-    return GenerationBatch(0, ["a", "b", "c"], prompts, completions), [(0, 1, 2), (1, 0, 1), (2, 2, 0)]
-
-
 def lora_learner(model_dir: Path, **overrides) -> Learner:
     torch.manual_seed(0)  # (peft's initial A)
     config = dict(model=str(model_dir), lora_rank=4, learning_rate=1e-2, max_grad_norm=None, precision="fp32")
