@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -37,8 +38,11 @@ MAX_MESSAGE_CHARS = 300
 MAX_RECORDS = 20
 """ERROR records one engine process writes at most (the first ones: the cause comes before its echoes)."""
 MAX_PARTS = 3
-WORKER_DIED = re.compile(r"Worker proc (?P<name>\S+) died unexpectedly \(exit code: (?P<code>-?\d+)\)")
-"""How vLLM's engine core reports a worker process found dead (vllm/v1/executor/multiproc_executor.py)."""
+WORKER_DIED = re.compile(r"Worker proc (?P<name>\S+) died unexpectedly \(exit code: (?P<code>-?\d+|None)\)")
+"""How vLLM's engine core reports a worker process found dead (vllm/v1/executor/multiproc_executor.py).
+Its code is ``None`` when the worker's pipe closed before the kernel made its exit status readable (the
+two are apart on a loaded machine): :func:`_settle_exit_code` then reads it in the engine core."""
+SETTLE_SECONDS = 5.0
 
 
 def oom_kills() -> int | None:
@@ -61,9 +65,12 @@ def _engine_processes(llm) -> list:
     return list(getattr(manager, "processes", None) or [])
 
 
-def describe_exit(name: str, pid: int | None, code: int, oom_killed: bool) -> str:
-    """``code`` as multiprocessing reports it: negative for the signal that ended the process."""
+def describe_exit(name: str, pid: int | None, code: int | None, oom_killed: bool) -> str:
+    """``code`` as multiprocessing reports it: negative for the signal that ended the process (None: not
+    known)."""
     who = f"the engine process {name}" + (f" (pid {pid})" if pid else "")
+    if code is None:
+        return f"{who} died (its exit status could not be read)"
     if code >= 0:
         return f"{who} exited with status {code}"
     try:
@@ -111,7 +118,7 @@ class DeathWatch:
             time.sleep(0.1)
             records = self.reported()
         killed = [
-            describe_exit(died["name"], None, int(died["code"]), oom_killed)
+            describe_exit(died["name"], None, _exit_code(died["code"]), oom_killed)
             for died in (WORKER_DIED.search(r["message"]) for r in records)
             if died
         ]
@@ -142,6 +149,28 @@ class DeathWatch:
         return records
 
 
+def _exit_code(text: str) -> int | None:
+    return None if text == "None" else int(text)
+
+
+def _settle_exit_code(message: str) -> str:
+    """``message`` with a dead worker's exit code filled in where vLLM's monitor logged it as ``None``.
+
+    The monitor wakes when the worker's end of a pipe closes, which the kernel does while the process is
+    still exiting; its exit status (the signal) is readable a moment later. This runs in the engine core,
+    the worker's parent, which can wait for it: its ``multiprocessing`` keeps the started processes."""
+    died = WORKER_DIED.search(message)
+    if not died or died["code"] != "None":
+        return message
+    for process in list(getattr(multiprocessing.process, "_children", ())):
+        if process.name == died["name"]:
+            with contextlib.suppress(Exception):
+                process.join(SETTLE_SECONDS)
+                if process.exitcode is not None:
+                    return message.replace("(exit code: None)", f"(exit code: {process.exitcode})", 1)
+    return message
+
+
 class _ErrorRecords(logging.Handler):
     """Appends vLLM's ERROR records (the message, and the exception if any, one JSON line each, at most
     ``MAX_RECORDS``) to ``path``."""
@@ -160,7 +189,7 @@ class _ErrorRecords(logging.Handler):
             first_line = (str(error).strip().splitlines() or [""])[0]
             text = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
         try:
-            message = record.getMessage()
+            message = _settle_exit_code(record.getMessage())
         except Exception:
             message = str(record.msg)
         line = {"message": message[:MAX_MESSAGE_CHARS], "error": text and text[:MAX_MESSAGE_CHARS]}

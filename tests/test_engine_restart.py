@@ -152,6 +152,23 @@ def test_the_cause_of_death_in_words(tmp_path, monkeypatch):
     assert cause.startswith("the engine process EngineCore_DP0 (pid 42) was killed by SIGKILL"), cause
 
 
+def test_a_worker_whose_exit_status_is_not_yet_readable_is_still_named_with_its_signal(tmp_path, monkeypatch):
+    """vLLM's monitor wakes when a dead worker's pipe closes and may log its exit code as ``None`` (the
+    kernel makes the status readable a moment later, a moment that is long on a loaded machine). The
+    engine core's recorder waits for the status: the cause names the signal, not the echo ("cancelled")."""
+    monkeypatch.setenv(ERROR_FILE_ENV, "")
+    monkeypatch.setenv(SERVER_PID_ENV, "")
+    watch = DeathWatch(tmp_path / "unsettled.jsonl")
+    engine_core = multiprocessing.get_context("spawn").Process(target=_kill_a_worker_and_log_at_once)
+    engine_core.start()
+    engine_core.join(60)
+    assert engine_core.exitcode == 0
+    messages = [r["message"] for r in watch.reported()]
+    assert messages[0].startswith("Worker proc VllmWorker-0 died unexpectedly (exit code: -9)"), messages
+    cause = watch.cause(_DeadEngine(1), wait=0)
+    assert cause.startswith("the engine process VllmWorker-0 was killed by SIGKILL"), cause
+
+
 WORKER_KILLED = (
     "vllm.v1.executor.multiproc_executor",
     "Worker proc VllmWorker-0 died unexpectedly (exit code: -9)",
@@ -168,6 +185,22 @@ class _DeadEngine:
         process = type("Process", (), {"name": "EngineCore_DP0", "pid": 42, "exitcode": exitcode})()
         manager = type("Manager", (), {"processes": [process]})()
         self.engine_core = type("Client", (), {"resources": type("R", (), {"engine_manager": manager})()})()
+
+
+def _kill_a_worker_and_log_at_once() -> None:
+    """As an engine core whose worker was killed, logging before the worker's exit status is readable."""
+    import logging
+    import os
+    import signal
+
+    record_fatal_errors()
+    worker = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,), name="VllmWorker-0")
+    worker.start()
+    os.kill(worker.pid, signal.SIGKILL)
+    logging.getLogger("vllm.v1.executor.multiproc_executor").error(
+        "Worker proc %s died unexpectedly (exit code: %s), shutting down executor.", worker.name, None
+    )
+    logging.getLogger("vllm.v1.engine.core").exception("EngineCore encountered a fatal error.")
 
 
 def _log_as_an_engine(records) -> None:
