@@ -280,7 +280,10 @@ class ColocatedEngine(GenerateApi):
                 kwargs["gpu_memory_utilization"] = self.settings.gpu_memory_utilization
                 kwargs["enable_sleep_mode"] = self.settings.sleep and self.sleep_supported
             else:  # a seeded prefill split across engine steps kills vLLM's CPU engine (as in the server)
+                from generator_server.engine import CPU_BLOCK_SIZE
+
                 kwargs["enable_chunked_prefill"] = False
+                kwargs["block_size"] = CPU_BLOCK_SIZE  # (prefix caching shares whole blocks: as the server)
             self.vllm_version = vllm.__version__
             llm = LLM(**kwargs)
         pids = llm.collective_rpc(_worker_pid)
