@@ -23,6 +23,7 @@ from generator_server.config import ServerSettings
 from generator_server.errors import ApiError
 from generator_server.metrics import ServerMetrics
 from generator_server.openai_api import starting as openai_starting
+from generator_server.openapi import install as install_openapi
 from generator_server.routes import engine_unavailable, protected, router
 from generator_server.routes_ipc import router as ipc_router
 from generator_server.routes_stream import router as stream_router
@@ -53,6 +54,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     app.state.startup_error = None
     app.state.openai_error = None
     app.state.stream_receiver = None
+    app.state.openapi_engine = None  # the engine app.openapi_schema was built for (openapi.py)
     app.state.supervisor = EngineSupervisor(app, settings, on_fatal)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.include_router(router)
@@ -60,6 +62,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[], None] | None = N
     app.include_router(openai_starting)  # 503 until the engine is up, then the OpenAI-compatible routes
     app.include_router(ipc_router)
     app.include_router(stream_router)
+    install_openapi(app)  # /openapi.json: this server's routes and limits
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -33,11 +33,15 @@ LEGACY_DIGESTS = ("chunked-sha256", "sha256")
 DIGEST_HEADERS = {"blake3": BLAKE3_HEADER, "chunked-sha256": CHUNKED_SHA256_HEADER, "sha256": SHA256_HEADER}
 
 HEX_DIGEST_PATTERN = "^[0-9a-fA-F]{64}$"
-"""A 32-byte digest (SHA-256, BLAKE3), as the headers and the stream routes take it."""
-CHUNKED_SHA256_PATTERN = "^[0-9]{7,10}:[0-9a-fA-F]{64}$"
-"""``X-Weights-Chunked-SHA256``: the chunk size in decimal (1 MiB to 1 GiB: 7 to 10 digits), a colon, hex."""
+"""A 32-byte digest (SHA-256, BLAKE3), as the headers and the stream routes take it (the server's parser also
+takes surrounding whitespace)."""
 MIN_DIGEST_CHUNK_BYTES, MAX_DIGEST_CHUNK_BYTES = 1 << 20, 1 << 30
 """The chunk sizes ``X-Weights-Chunked-SHA256`` may name: powers of two between these."""
+_CHUNK_SIZES = "|".join(str(1 << k) for k in range(20, 31))
+CHUNKED_SHA256_PATTERN = f"^(?:{_CHUNK_SIZES}):[0-9a-fA-F]{{64}}$"
+"""``X-Weights-Chunked-SHA256``: the chunk size in decimal, one of the eleven powers of two from 1 MiB to
+1 GiB (``1048576``, ``2097152``, ... ``1073741824``), a colon, 64 hexadecimal digits. (The server's parser
+also takes leading zeros and spaces around the colon; the schema states the form a client writes.)"""
 DIGEST_CHUNK_BYTES = 16 << 20
 """The chunk size the trainer's client uses."""
 FILE_CHUNK_BYTES = 1 << 20

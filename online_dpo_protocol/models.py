@@ -7,6 +7,12 @@ the colocated engine answers in them.
 Requests forbid unknown fields, so a misspelt option is a 422 naming the field rather than silently ignored,
 and are strict: ``"5"`` or ``true`` for an integer, or ``1`` for a boolean, is a 422 too (``5.0`` is an
 integer, as in JSON Schema).
+
+A few rules are stated in the schema but checked by the server rather than by the model (``_stated``), so
+that breaking them keeps the answer the server has always given (a 400 naming the problem): an empty or
+negative token id list, a malformed digest. The limits of one server (its ``--max-prompts``, the model's
+vocabulary and context...) are not here: the server adds them to its own OpenAPI
+(``generator_server/openapi.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from __future__ import annotations
 from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
-from online_dpo_protocol.digests import LEGACY_DIGESTS
+from online_dpo_protocol.digests import HEX_DIGEST_PATTERN, LEGACY_DIGESTS
 
 
 class _Request(BaseModel):
@@ -29,6 +36,15 @@ def _integral(value: object) -> object:
 
 Int = Annotated[int, BeforeValidator(_integral)]
 """An integer of a request: ``5`` or ``5.0``, never ``"5"``, ``true`` or ``5.5``."""
+
+
+def _stated(**keywords: object) -> FieldInfo:
+    """JSON Schema ``keywords`` stated in the schema and checked by the server (400), not by the model."""
+    return Field(json_schema_extra=keywords)
+
+
+Blake3Hex = Annotated[str, _stated(pattern=HEX_DIGEST_PATTERN)]
+"""A BLAKE3 digest in a request body: 64 hexadecimal digits (else the server answers 400)."""
 
 
 # --- /health ----------------------------------------------------------------------------------------------
@@ -74,6 +90,14 @@ EXACTLY_ONE_PROMPT_FORM = {
     ]
 }
 """The schema's words for "exactly one of ``prompts`` or ``prompt_token_ids``" (the other absent or null)."""
+GREEDY_ONE_COMPLETION_FORM = {
+    "anyOf": [
+        {"properties": {"temperature": {"exclusiveMinimum": 0}}},
+        {"properties": {"n": {"const": 1}}},
+    ]
+}
+"""The schema's words for "``n == 1`` when ``temperature`` is 0": a temperature above 0 (or none given: 1.0),
+or n 1 (or none given)."""
 
 
 class GenerateRequest(_Request):
@@ -82,12 +106,13 @@ class GenerateRequest(_Request):
     Rules across fields (422 when broken, as every schema violation): exactly one of ``prompts`` and
     ``prompt_token_ids``; ``min_tokens <= max_tokens``; ``n == 1`` when ``temperature`` is 0."""
 
-    model_config = ConfigDict(json_schema_extra=EXACTLY_ONE_PROMPT_FORM)
+    model_config = ConfigDict(json_schema_extra={**EXACTLY_ONE_PROMPT_FORM, **GREEDY_ONE_COMPLETION_FORM})
 
     prompts: list[str] | None = Field(None, min_length=1, description="Prompts as text (tokenized here).")
-    prompt_token_ids: list[list[Int]] | None = Field(
-        None, min_length=1, description="Prompts as token ids (exclusive with prompts)."
-    )
+    # (an empty prompt, or a token id outside the vocabulary, is the server's 400, as it is for a text prompt)
+    prompt_token_ids: (
+        list[Annotated[list[Annotated[Int, _stated(minimum=0)]], _stated(minItems=1)]] | None
+    ) = Field(None, min_length=1, description="Prompts as token ids (exclusive with prompts).")
     n: Int = Field(1, ge=1, le=1024, description="Completions per prompt.")
     max_tokens: Int = Field(64, ge=1, description="Most tokens generated per completion.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
@@ -233,7 +258,7 @@ class StreamBeginRequest(_Request):
 
     version: Int = Field(ge=0, description="New weights version; must exceed the current one.")
     bytes: Int = Field(ge=8, description="Exact size of the body in bytes.")
-    blake3: str | None = Field(
+    blake3: Blake3Hex | None = Field(
         default=None,
         description="BLAKE3 of the body, 64 hex digits, checked before the swap; or give it with the commit.",
     )
@@ -243,7 +268,7 @@ class StreamBeginRequest(_Request):
 class StreamCommitRequest(_Request):
     """Optional body of a commit."""
 
-    blake3: str | None = Field(
+    blake3: Blake3Hex | None = Field(
         default=None, description="BLAKE3 of the body, 64 hex digits, if begin did not give it (or the same)."
     )
 
@@ -316,6 +341,9 @@ class Route(NamedTuple):
     """The JSON body the route takes (None: none, or not JSON)."""
     answer: type[BaseModel] | None
     """The JSON body of its 200 answer (None: none, or not JSON)."""
+    transport: str | None = None
+    """The weight transport (``TRANSPORTS``) the route belongs to: a server whose ``GET /weights`` does not
+    list it neither takes nor documents the route. None: every server has it."""
 
 
 ROUTES: dict[str, Route] = {
@@ -324,15 +352,17 @@ ROUTES: dict[str, Route] = {
     "GET /weights": Route(None, WeightsSpec),
     "PUT /weights": Route(None, WeightsUpdate),  # body: a safetensors file; digests in headers (digests.py)
     "GET /weights/digest": Route(None, WeightsDigest),
-    "POST /weights/load": Route(LoadWeightsRequest, WeightsUpdate),
+    "POST /weights/load": Route(LoadWeightsRequest, WeightsUpdate, "shared"),
     "GET /metrics": Route(None, None),  # Prometheus text
-    "POST /weights/ipc/begin": Route(IpcBeginRequest, IpcBeginResponse),
-    "POST /weights/ipc/{session}/bucket": Route(IpcBucketRequest, IpcBucketResponse),
-    "POST /weights/ipc/{session}/commit": Route(None, WeightsUpdate),
-    "DELETE /weights/ipc/{session}": Route(None, None),
-    "POST /weights/stream/begin": Route(StreamBeginRequest, StreamBeginResponse),
-    "POST /weights/stream/{session}/commit": Route(StreamCommitRequest, WeightsUpdate),  # (body optional)
-    "DELETE /weights/stream/{session}": Route(None, None),
+    "POST /weights/ipc/begin": Route(IpcBeginRequest, IpcBeginResponse, "ipc"),
+    "POST /weights/ipc/{session}/bucket": Route(IpcBucketRequest, IpcBucketResponse, "ipc"),
+    "POST /weights/ipc/{session}/commit": Route(None, WeightsUpdate, "ipc"),
+    "DELETE /weights/ipc/{session}": Route(None, None, "ipc"),
+    "POST /weights/stream/begin": Route(StreamBeginRequest, StreamBeginResponse, "stream"),
+    "POST /weights/stream/{session}/commit": Route(
+        StreamCommitRequest, WeightsUpdate, "stream"
+    ),  # (body optional)
+    "DELETE /weights/stream/{session}": Route(None, None, "stream"),
 }
 """The server's own routes (``/v1`` is vLLM's OpenAI-compatible API, with vLLM's models): what each takes and
 answers with."""
