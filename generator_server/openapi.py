@@ -33,11 +33,11 @@ from generator_server.config import ServerSettings
 from online_dpo_protocol.models import ROUTES
 
 MAX_N = 1024
+"""``GenerateRequest.n``'s own bound (the protocol's)."""
 MAX_BUDGET_BRANCHES = 16
 """Most ``anyOf`` branches that state n x prompts <= --max-completions (:func:`completion_budget`). With the
 default limits the exact rule takes about 430 branches (47 KB of schema, and a /docs page to match); past
 this many the rule is left to the description and the server's 413."""
-"""``GenerateRequest.n``'s own bound (the protocol's)."""
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
