@@ -43,6 +43,7 @@ WORKER_DIED = re.compile(r"Worker proc (?P<name>\S+) died unexpectedly \(exit co
 Its code is ``None`` when the worker's pipe closed before the kernel made its exit status readable (the
 two are apart on a loaded machine): :func:`_settle_exit_code` then reads it in the engine core."""
 SETTLE_SECONDS = 5.0
+"""Longest the engine core's recorder waits for a dead worker's exit status to become readable."""
 
 
 def oom_kills() -> int | None:
