@@ -298,6 +298,21 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def write_between_markers(path: Path, text: str, name: str) -> None:
+    """Put ``text`` between the markers ``<!-- NAME: begin -->`` and ``<!-- NAME: end -->`` of ``path``,
+    keeping what is around them (hand-written notes); a file without them gets them appended."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    block = f"{begin}\n{text}{end}\n"
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
 def write_results(path: Path, benchmark: str, machine: dict, settings: dict, results: dict) -> None:
     """One JSON file per run: what ran, where, with which settings, and every measured number."""
     path.parent.mkdir(parents=True, exist_ok=True)

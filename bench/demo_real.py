@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-BEGIN, END = "<!-- demo_real.py: begin -->", "<!-- demo_real.py: end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_between_markers  # noqa: E402
 
 
 def results_markdown(rows: list[dict], command: str) -> str:
@@ -85,18 +87,6 @@ def results_markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_between_markers(path: Path, text: str) -> None:
-    block = f"{BEGIN}\n{text}{END}\n\n"
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     command = "python bench/demo_real.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_between_markers(Path(args.results), results_markdown(rows, command.strip()))
+    write_between_markers(Path(args.results), results_markdown(rows, command.strip()), "demo_real.py")
     print(f"wrote {args.results} and {out}/")
     return 0
 

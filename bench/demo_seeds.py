@@ -22,6 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_between_markers  # noqa: E402
+
 MODES = {0: "sync", 1: "async"}
 
 
@@ -131,23 +135,6 @@ def results_markdown(rows: list[dict], command: str, steps: int, overrides: list
     return "\n".join(lines) + "\n"
 
 
-BEGIN, END = "<!-- demo_seeds.py: begin -->", "<!-- demo_seeds.py: end -->"
-
-
-def write_between_markers(path: Path, text: str) -> None:
-    """Put ``text`` between the BEGIN/END markers of ``path``, keeping what is around them (hand-written
-    notes); a file without markers gets them appended."""
-    block = f"{BEGIN}\n{text}{END}\n"
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_seed(seed, args.steps, out, args.overrides, args.cache_dir)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     command = "python bench/demo_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_between_markers(
-        Path(args.results), results_markdown(rows, command.strip(), args.steps, args.overrides)
-    )
+    text = results_markdown(rows, command.strip(), args.steps, args.overrides)
+    write_between_markers(Path(args.results), text, "demo_seeds.py")
     print(f"wrote {args.results} and {out}/ in {time.monotonic() - t0:.0f} s")
     return 0
 

@@ -61,6 +61,7 @@ from bench.common import (  # noqa: E402
     describe_machine,
     machine_line,
     running_server,
+    write_between_markers,
     write_results,
 )
 
@@ -361,21 +362,6 @@ def results_markdown(rows: list[dict], args, machine: dict, command: str) -> str
     )
 
 
-BEGIN, END = "<!-- vs_trl.py: begin -->", "<!-- vs_trl.py: end -->"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Put ``text`` between this script's markers in ``path`` (appended with them if absent)."""
-    old = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text}{END}\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
-    path.write_text(new)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------
@@ -462,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if args.results:
-        write_section(args.results, text)
+        write_between_markers(args.results, text, "vs_trl.py")
         print(f"wrote the section into {args.results}")
     print(f"all done in {time.monotonic() - t0:.0f} s")
     return 0
