@@ -40,11 +40,8 @@ SHAPES = [  # (prompts, samples per prompt, new tokens)
 ]
 
 
-def chat_prompts(model_dir: Path, count: int, offset: int) -> list[str]:
+def chat_prompts(tokenizer, count: int, offset: int) -> list[str]:
     """``count`` distinct chat prompts (questions of chain_sum's kind) rendered with the model's template."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return [
         tokenizer.apply_chat_template(
             [
@@ -70,10 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    from transformers import AutoTokenizer
+
     from generator_server.gguf_model import resolve_model
     from trainer_client.pretrained import fetch_smollm2
 
     model_dir = Path(resolve_model(args.model or str(fetch_smollm2())))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     options = ServerOptions(dtype="auto", enforce_eager=True, max_model_len=1024)
     rows, results = [], {}
     offset = 0
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(args.repeats):
                     offset += prompts  # new questions each time: no request finds another's cache
                     body = {
-                        "prompts": chat_prompts(model_dir, prompts, offset),
+                        "prompts": chat_prompts(tokenizer, prompts, offset),
                         "n": n,
                         "max_tokens": tokens,
                         "ignore_eos": True,
