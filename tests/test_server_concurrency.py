@@ -99,15 +99,20 @@ HELD_BACK = "generator_generate_requests_waiting"
 STEP_DEADLINE_S = 300.0
 """Generous: how long one step of a test may take to be seen on a (loaded) machine before it counts as
 failed. The tests wait on what the server says it is doing, never on how long something took."""
-HEALTH_BOUND_S = 5.0
-"""Most seconds /health may take while the engine generates: hundreds of times its cost on an idle server
-(5-10 ms on the 2-core CPU); before the event loop was freed of the long pauses it answered no poll for
-20 s in a loaded run (issue 29)."""
+MIN_ROUNDS_WHILE_RUNNING = 20
+"""How many rounds of /health and /metrics must be answered while the long request still runs. Before the
+event loop was freed of its long pauses, a loaded run answered none for 20 s (issue 29). How fast they
+answer is a benchmark's to say (bench/health_latency.py), not a test's: on a shared 2-core CI machine one
+poll once took 11 s while the whole machine was short of CPU."""
 
 
 def _gauges(client: httpx.Client) -> dict[str, float]:
     """The server's gauges, read in one answer of /metrics (so all at one moment)."""
-    lines = client.get("/metrics").text.splitlines()
+    return _gauges_in(client.get("/metrics").text)
+
+
+def _gauges_in(metrics: str) -> dict[str, float]:
+    lines = metrics.splitlines()
     return {
         k: float(v)
         for k, _, v in (line.partition(" ") for line in lines)
@@ -190,9 +195,10 @@ def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_we
     assert server.weights_version() == old + 1
 
 
-def _poll_during_a_long_request(server, n_prompts: int) -> list[tuple[int, float]]:
-    """(status, seconds) of each /health and /metrics poll from when a long request is seen running to its
-    answer."""
+def _poll_during_a_long_request(server, n_prompts: int) -> list[tuple[int, int, bool]]:
+    """Rounds of polls from when a long request is seen running to its answer: each round's /health status,
+    /metrics status, and whether /metrics said the long request was running when it answered (then /health,
+    answered before /metrics was sent, was answered while it ran too)."""
     answered: list[httpx.Response] = []
 
     def run() -> None:
@@ -201,32 +207,36 @@ def _poll_during_a_long_request(server, n_prompts: int) -> list[tuple[int, float
 
     long = threading.Thread(target=run)
     long.start()
-    polls = []
+    rounds = []
     with server.client() as poller:
         deadline = time.monotonic() + STEP_DEADLINE_S
         while long.is_alive() and not _gauges(poller)[RUNNING]:
             assert time.monotonic() < deadline, "the long request was never seen running"
             time.sleep(0.02)
         while long.is_alive():
-            for path in ("/health", "/metrics"):
-                started = time.monotonic()
-                status = poller.get(path).status_code
-                polls.append((status, time.monotonic() - started))
+            health = poller.get("/health").status_code
+            metrics = poller.get("/metrics")
+            running = metrics.status_code == 200 and _gauges_in(metrics.text)[RUNNING] == 1
+            rounds.append((health, metrics.status_code, running))
             time.sleep(0.05)
     long.join()
     assert answered[0].status_code == 200, answered[0].text
-    return polls
+    return rounds
 
 
 def test_health_and_metrics_answer_while_the_engine_generates(server):
-    """/health and /metrics answer within HEALTH_BOUND_S all through a long generation, many times before
-    it ends: a busy engine never makes the server look dead to a health check. (A request too short to
-    poll 20 times is followed by a longer one.)"""
+    """/health and /metrics answer all through a long generation, not after it: a busy engine never makes
+    the server look dead to a health check. Each /metrics answer says whether the long request was still
+    running when it was written, and each /health poll is sent just before one, so the test counts the
+    rounds answered during the generation without timing anything (a poll held back until the end would
+    find it ended). A request too short for MIN_ROUNDS_WHILE_RUNNING rounds is followed by a longer one."""
     for n_prompts in (256, 1024, 4096):
-        polls = _poll_during_a_long_request(server, n_prompts)
-        if len(polls) >= 20:
+        rounds = _poll_during_a_long_request(server, n_prompts)
+        during = sum(running for _, _, running in rounds)
+        if during >= MIN_ROUNDS_WHILE_RUNNING:
             break
-    assert len(polls) >= 20, f"only {len(polls)} polls during the longest request"
-    assert {status for status, _ in polls} == {200}, polls
-    slowest = max(seconds for _, seconds in polls)
-    assert slowest < HEALTH_BOUND_S, f"a poll took {slowest:.1f} s while the engine generated"
+    assert {(health, metrics) for health, metrics, _ in rounds} == {(200, 200)}, rounds
+    assert during >= MIN_ROUNDS_WHILE_RUNNING, (
+        f"only {during} of {len(rounds)} rounds of /health and /metrics were answered while the longest "
+        "request ran"
+    )
