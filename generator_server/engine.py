@@ -112,6 +112,9 @@ class Swap:
 
     def __init__(self) -> None:
         self.started = self.seconds = 0.0
+        self.waited = 0.0
+        """Seconds from asking for the swap to holding the write lock: the running requests it waited for
+        (and any swap before it)."""
         self.callbacks: list = []
         self.touched = True
         """Whether the engine's weights may have changed; a swap that fails untouched needs no recovery."""
@@ -450,7 +453,9 @@ class GenerationEngine:
             self.store.discard(staged)
             raise
         log.info("serving weights version %d (%d bytes, swapped in %.3f s)", version, nbytes, swap.seconds)
-        return WeightsUpdate(weights_version=version, bytes=nbytes, load_seconds=swap.seconds)
+        return WeightsUpdate(
+            weights_version=version, bytes=nbytes, load_seconds=swap.seconds, wait_seconds=swap.waited
+        )
 
     async def update_adapter(self, staged: Path, nbytes: int, version: int, source: str) -> WeightsUpdate:
         """Check the staged LoRA adapter upload (``model.safetensors`` with its config in the metadata:
@@ -493,7 +498,9 @@ class GenerationEngine:
             "serving weights version %d: an adapter of rank %d (%d bytes; loaded %.3f s, swapped %.3f s)",
             version, config["r"], nbytes, loaded, swap.seconds,
         )  # fmt: skip
-        return WeightsUpdate(weights_version=version, bytes=nbytes, load_seconds=swap.seconds)
+        return WeightsUpdate(
+            weights_version=version, bytes=nbytes, load_seconds=swap.seconds, wait_seconds=swap.waited
+        )
 
     async def _forget_adapter(self, adapter) -> None:
         """Drop an adapter no version serves from the engine, and its folder."""
@@ -516,11 +523,13 @@ class GenerationEngine:
         ``store.served_dir`` when it holds them; otherwise the engine is marked incomplete (503) until a
         whole version arrives. Never a mix of two versions served."""
         outcome, swap, replaced = "error", Swap(), None
+        asked = time.perf_counter()
         try:
             async with self._reload_mutex:
                 self.check_version(version)
                 async with self._weights_lock.write():
                     swap.started = time.perf_counter()
+                    swap.waited = swap.started - asked
                     try:
                         yield swap
                         await self._llm.reset_prefix_cache()  # cached KV came from the old weights

@@ -162,6 +162,7 @@ class IpcReceiver:
                 weights_version=session.version,
                 bytes=_nbytes(session.manifest),
                 load_seconds=swap.seconds,
+                wait_seconds=swap.waited,
                 phase_seconds=phases,
             )
             log.info(

@@ -315,6 +315,8 @@ def test_lora_run_pushes_adapters_and_resumes_exactly(lora_server, tiny_model_di
     full = sum(t.numel() * 4 for t in load_file(tiny_model_dir / "model.safetensors").values())
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(0 < r["push_bytes"] < full / 10 for r in records), [r["push_bytes"] for r in records]
+    # each push's time as the trainer saw it is split as the server reported it: its pause, and its wait
+    assert all(r["push_pause_seconds"] > 0 and r["push_wait_seconds"] >= 0 for r in records), records
     answers = ProbingBackend.answers[-3:]
     assert [a["weights_version"] for a in answers] == [s + summary["version_offset"] for s in (1, 2, 3)]
     assert not any(same_weights(a, b) for a, b in zip(answers, answers[1:], strict=False))

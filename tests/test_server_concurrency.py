@@ -124,11 +124,12 @@ def _long_request(n_prompts: int) -> dict:
     return {"prompts": ["The cat"] * n_prompts, "max_tokens": 250, "ignore_eos": True}
 
 
-def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[str, int], dict] | None:
+def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple | None:
     """Start a long request; once the server says it runs, push; once the push waits for it, send a short
     request; once the short one is held back behind the push, let everything end. Returns the version each
-    request was served from and the gauges at the moment all three were seen at once; None if the long
-    request ended before that moment (the caller tries a longer one)."""
+    request was served from, the gauges at the moment all three were seen at once, the push's
+    ``wait_seconds`` and the seconds this side saw the push waiting; None if the long request ended before
+    that moment (the caller tries a longer one)."""
     version = server.weights_version() + 1
     answered: dict[str, httpx.Response] = {}
 
@@ -139,15 +140,21 @@ def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[s
     def push() -> None:
         answered["push"] = server.push(weights, version)
 
-    def wait_for(client, seen, *threads_ending_it) -> dict | None:
+    polled: dict[str, float] = {}  # when the last /metrics poll was sent, and when its answer came
+
+    def wait_for(client, seen) -> dict | None:
         """The gauges once ``seen(gauges)``; None if the long request ends first."""
         deadline = time.monotonic() + STEP_DEADLINE_S
-        while not seen(gauges := _gauges(client)):
+        while True:
+            polled["sent"] = time.monotonic()
+            gauges = _gauges(client)
+            polled["answered"] = time.monotonic()
+            if seen(gauges):
+                return gauges
             if "long" in answered:
                 return None
             assert time.monotonic() < deadline, f"not seen in {STEP_DEADLINE_S:.0f} s: {gauges}"
             time.sleep(0.02)
-        return gauges
 
     threads = [threading.Thread(target=run, args=("long", _long_request(n_prompts)))]
     threads[0].start()
@@ -157,6 +164,7 @@ def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[s
             threads.append(threading.Thread(target=push))
             threads[-1].start()
             if wait_for(client, lambda g: g[RUNNING] == 1 and g[PUSH_WAITING] == 1) is not None:
+                first_seen_waiting = polled["answered"]
                 threads.append(
                     threading.Thread(target=run, args=("short", {"prompts": ["Hi"], "max_tokens": 2}))
                 )
@@ -164,13 +172,19 @@ def _push_during_a_long_request(server, weights, n_prompts: int) -> tuple[dict[s
                 snapshot = wait_for(
                     client, lambda g: g[RUNNING] == 1 and g[PUSH_WAITING] == 1 and g[HELD_BACK] == 1
                 )
+                last_seen_waiting = polled["sent"]
     for t in threads:
         t.join(timeout=STEP_DEADLINE_S * 2)
     assert not any(t.is_alive() for t in threads), "a request or the push never ended"
     for name, response in answered.items():
         assert response.status_code == 200, (name, response.text)
     versions = {name: r.json()["weights_version"] for name, r in answered.items() if name != "push"}
-    return None if snapshot is None else (versions, snapshot)
+    if snapshot is None:
+        return None
+    # The server said the push was waiting in two answers: the one read at first_seen_waiting or before, and
+    # one asked for at last_seen_waiting or after. Its own count of the wait covers at least that span.
+    seen_waiting = last_seen_waiting - first_seen_waiting
+    return versions, snapshot, answered["push"].json()["wait_seconds"], seen_waiting
 
 
 def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_weights):
@@ -189,9 +203,12 @@ def test_push_waits_for_running_requests_and_holds_back_new_ones(server, make_we
         if outcome is not None:
             break
     assert outcome is not None, "the long request ended before the push and the short one were seen waiting"
-    versions, snapshot = outcome
+    versions, snapshot, wait_seconds, seen_waiting = outcome
     assert snapshot == {RUNNING: 1, PUSH_WAITING: 1, HELD_BACK: 1}, snapshot
     assert versions == {"long": old, "short": old + 1}, versions
+    # The push's answer says how long it waited for the running request (what a sender needs to tell
+    # waiting from a slow transfer): at least as long as this test saw it waiting.
+    assert wait_seconds >= seen_waiting > 0, (wait_seconds, seen_waiting)
     assert server.weights_version() == old + 1
 
 

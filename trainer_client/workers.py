@@ -71,6 +71,7 @@ class Pusher:
             record["push_seconds"] = round(time.monotonic() - t0, 4)
             record["push_bytes"] = pushed_bytes(answer)
             record["push_pause_seconds"] = pushed_pause(answer)
+            record["push_wait_seconds"] = pushed_wait(answer)
         with self.cond:
             self.served = max(self.served, version)
             self.cond.notify_all()
@@ -148,11 +149,21 @@ def pushed_bytes(answer) -> int | None:
 def pushed_pause(answer) -> float | None:
     """The seconds a push held generation stopped (the server's swap, its ``load_seconds``; several
     replicas: the longest), from the backend's answer; None where the backend does not say."""
+    return _longest_seconds(answer, "load_seconds")
+
+
+def pushed_wait(answer) -> float | None:
+    """The seconds a push waited for running generation before its swap (the server's ``wait_seconds``;
+    several replicas: the longest); None where the backend does not say."""
+    return _longest_seconds(answer, "wait_seconds")
+
+
+def _longest_seconds(answer, key: str) -> float | None:
     if not isinstance(answer, dict):
         return None
-    if answer.get("load_seconds") is not None:
-        return round(float(answer["load_seconds"]), 4)
-    each = [r.get("load_seconds") for r in (answer.get("replicas") or {}).values() if isinstance(r, dict)]
+    if answer.get(key) is not None:
+        return round(float(answer[key]), 4)
+    each = [r.get(key) for r in (answer.get("replicas") or {}).values() if isinstance(r, dict)]
     each = [s for s in each if s is not None]
     return round(max(each), 4) if each else None
 
