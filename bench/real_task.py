@@ -116,6 +116,7 @@ def run_ours(name: str, seed: int, args, server_url: str, model: str, out: Path)
     return {
         "config": name,
         "seed": seed,
+        "steps": args.steps,
         "curve": [(e["train_seconds"], e["eval_reward"]) for e in evals],
         "before": evals[0]["eval_reward"],
         "after": evals[-1]["eval_reward"],
@@ -160,6 +161,7 @@ def run_trl(seed: int, args, server_url: str, api_key: str | None, model: str, o
     return {
         "config": "trl",
         "seed": seed,
+        "steps": args.steps,
         "curve": None,
         "before": None,
         "after": after,
@@ -321,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model folder {model} ({time.monotonic() - t0:.1f} s)", flush=True)
     ledger = args.out / "runs.jsonl"
     done = [json.loads(x) for x in ledger.read_text().splitlines()] if ledger.exists() else []
+    other = sorted({r.get("steps", SETTINGS["steps"]) for r in done} - {args.steps})
+    if other:  # (one table compares runs of one length)
+        sys.exit(f"{ledger} holds runs of {other} steps, not {args.steps}: give another --out")
     todo = [
         (seed, name)
         for seed in args.seeds
@@ -356,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     text, summary = summarize(done)
     machine = describe_machine()
     task = f"Task `{args.task}` {json.dumps(args.task_options)}"
-    header = f"Machine: {machine_line(machine)}\n\n{task}; settings {SETTINGS}\n\n"
+    settings = SETTINGS | {"steps": args.steps}
+    header = f"Machine: {machine_line(machine)}\n\n{task}; settings {settings}\n\n"
     (args.out / "real_task.md").write_text(header + text)
     (args.out / "real_task.json").write_text(
-        json.dumps({"machine": machine, "settings": SETTINGS, "task": args.task, "task_options":
+        json.dumps({"machine": machine, "settings": settings, "task": args.task, "task_options":
                     args.task_options, "runs": done, "summary": summary}, indent=1)
     )  # fmt: skip
     plot(done, args.out / "real_task.png")
