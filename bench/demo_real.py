@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_between_markers  # noqa: E402
 
 
-def results_markdown(rows: list[dict], command: str) -> str:
+def results_markdown(rows: list[dict], command: str, overrides: list[str] = ()) -> str:
+    from trainer_client.config import parse_override
     from trainer_client.demo import SMOLLM2_DEFAULTS
 
-    d = SMOLLM2_DEFAULTS
+    d = {**SMOLLM2_DEFAULTS, **dict(parse_override(item) for item in overrides)}  # what the runs used
     settings = ", ".join(
         f"{k} {d[k]}"
         for k in (
@@ -45,7 +46,7 @@ def results_markdown(rows: list[dict], command: str) -> str:
     settings += (
         f", LoRA rank {d.get('lora_rank', 0)} ({d.get('lora_sync', 'adapter')} sync)"
         if d.get("lora_rank")
-        else ""
+        else ", full fine-tuning"
     )
     options = ", ".join(f"{k} {v}" for k, v in d["task_options"].items())
     lines = [
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     command = "python bench/demo_real.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_between_markers(Path(args.results), results_markdown(rows, command.strip()), "demo_real.py")
+    write_between_markers(
+        Path(args.results), results_markdown(rows, command.strip(), args.overrides), "demo_real.py"
+    )
     print(f"wrote {args.results} and {out}/")
     return 0
 

@@ -100,7 +100,7 @@ def test_generate_matches_transformers_then_handover_in_memory(engine, policy):
     policy.load_state_dict(new_state)
     before = engine.generate(prompts=PROMPTS, max_tokens=12, temperature=0.0)
     seconds = engine.load_weights(policy.state_dict(), version)
-    assert seconds < 5
+    assert seconds > 0  # (how long: bench/colocate_vs_server.py; a test does not time it)
     assert engine.weights_version == version
     assert_matches_transformers(engine, policy)
     after = engine.generate(prompts=PROMPTS, max_tokens=12, temperature=0.0)

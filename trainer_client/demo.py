@@ -142,6 +142,7 @@ def run_demo(
     import torch
 
     from trainer_client.client import GeneratorClient
+    from trainer_client.colocate import colocated_lora_rank
     from trainer_client.evaluate import evaluate
     from trainer_client.local_server import local_server, pinned_to_spare_core
     from trainer_client.plots import plot_runs, read_metrics
@@ -183,6 +184,9 @@ def run_demo(
     else:
         # --- 2. generation server ---------------------------------------------------------------------------
         server_args = list(server_args)
+        lora_rank = colocated_lora_rank(config)  # (the rank the server needs for adapter pushes, or None)
+        if lora_rank is not None and "--enable-lora" not in server_args:
+            server_args += ["--enable-lora", "--max-lora-rank", str(lora_rank)]
         memory_set = any(a.startswith("--gpu-memory-utilization") for a in server_args)
         if config.device.startswith("cuda") and server_gpu is None and not memory_set:
             server_args += ["--gpu-memory-utilization", str(SERVER_GPU_MEMORY_UTILIZATION)]
