@@ -87,3 +87,16 @@ def test_eval_refuses_colocate_with_a_server_url():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: --colocate evaluates --model DIR in this process: drop --server-url"
+
+
+def test_the_real_model_demo_trains_all_weights_with_lora_rank_0():
+    """`./demo.sh --set lora_rank=0` is full fine-tuning: the demo's own LoRA settings (merged pushes) go
+    with it rather than being refused as LoRA keys without LoRA; a LoRA key the user gives is still
+    refused."""
+    from trainer_client.demo import demo_config
+
+    url = "http://127.0.0.1:1"
+    config = demo_config("m", url, 0, ["lora_rank=0", "learning_rate=5e-5"], policy="smollm2")
+    assert (config.lora_rank, config.learning_rate) == (0, 5e-5)
+    with pytest.raises(ValueError, match=r"\['lora_sync'\] apply only with lora_rank > 0"):
+        demo_config("m", url, 0, ["lora_rank=0", "lora_sync=merged"], policy="smollm2")

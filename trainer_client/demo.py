@@ -27,7 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from trainer_client.config import ConfigError, TrainConfig, parse_override
+from trainer_client.config import LORA_KEYS, ConfigError, TrainConfig, parse_override
 
 # Online DPO settings of the demo (any TrainConfig key can be changed with --set key=value), chosen on the
 # 2-core CPU (docs/RESULTS.md has the measurements). The learning rate decides whether asynchronous
@@ -100,9 +100,12 @@ def demo_config(
         raise ValueError(f"unknown model {policy!r}; choose one of {', '.join(MODELS)}")
     defaults = SMOLLM2_DEFAULTS if policy == "smollm2" else {**DEMO_DEFAULTS, **SIZE_DEFAULTS[size]}
     data: dict = {**defaults, "seed": seed}
-    for item in overrides:
-        key, value = parse_override(item)
-        data[key] = value
+    given = dict(parse_override(item) for item in overrides)
+    data.update(given)
+    if not data.get("lora_rank"):  # `--set lora_rank=0`: full fine-tuning, without the demo's LoRA settings
+        for key in LORA_KEYS:
+            if key in defaults and key not in given:
+                del data[key]
     data.update(model=model, server_url=server_url)
     return TrainConfig.model_validate(data)
 
