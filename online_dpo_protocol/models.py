@@ -246,8 +246,9 @@ class WeightsUpdate(BaseModel):
     """Seconds the engine was paused for the swap (staging and validation not included)."""
     wait_seconds: float | None = None
     """Seconds the swap waited, once the weights were staged, before it could pause the engine: the
-    requests running when it came had to finish first (each answer comes from one version). During a long
-    generation most of a push's time as the sender sees it is this wait, not the transfer or the swap."""
+    requests running when it came (and any push before it) had to finish first, since each answer comes
+    from one version. During a long generation most of a push's time as the sender sees it is this wait,
+    not the transfer or the swap."""
     phase_seconds: dict[str, float] | None = None
     """Where ``load_seconds`` went, for transfers that report it (CUDA IPC: begin, load, wait, finish)."""
     receive_seconds: float | None = None
