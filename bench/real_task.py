@@ -23,7 +23,8 @@ every ``--eval-every`` steps and after the last (``eval_every``, written to the 
 training time so far: the evaluations are in no step's time). TRL's final model is loaded into the same
 server and evaluated the same way. Wall time is the training loop only: the sum of the steps' times for
 ours, ``on_train_begin`` to ``on_train_end`` for TRL; the time to the first step (model load, engine start)
-is reported beside it.
+is reported beside it: TRL's includes its colocated engine's start, ours the trainer's alone against the
+running server, whose own start (``server_start_seconds``, once for all runs of a call) is recorded too.
 
 Results accumulate in ``OUT/runs.jsonl`` (a run already there is not run again, so one command can be split
 over several calls); each call rewrites ``OUT/real_task.json``, ``OUT/real_task.md`` and the curves
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # noqa: BLE001 - the other runs still go on
                     print(f"FAILED: {name} seed {seed}: {type(e).__name__}: {e}", flush=True)
                     continue
+                result["server_start_seconds"] = round(server.start_seconds, 1)  # (this call's runs share it)
                 print(json.dumps(result), flush=True)
                 with ledger.open("a") as f:
                     f.write(json.dumps(result) + "\n")
