@@ -298,6 +298,14 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def machine_and_command_lines(command: str) -> list[str]:
+    """The lines a generated results section opens its body with: the machine in one line, then the
+    command that reproduces the section, as a bash block."""
+    python = platform.python_version()
+    machine = f"Machine: {os.cpu_count()} CPU cores, {platform.platform()}, Python {python}."
+    return [machine, "", "Reproduce:", "", "```bash", command, "```", ""]
+
+
 def write_between_markers(path: Path, text: str, name: str) -> None:
     """Put ``text`` between the markers ``<!-- NAME: begin -->`` and ``<!-- NAME: end -->`` of ``path``,
     keeping what is around them (hand-written notes); a file without them gets them appended."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_between_markers  # noqa: E402
+from bench.common import machine_and_command_lines, write_between_markers  # noqa: E402
 
 
 def results_markdown(rows: list[dict], command: str, overrides: list[str] = ()) -> str:
@@ -59,14 +58,7 @@ def results_markdown(rows: list[dict], command: str, overrides: list[str] = ()) 
         "installation: the model (cached after the first run), the server's start, both evaluations and",
         "training.",
         "",
-        f"Machine: {os.cpu_count()} CPU cores, {platform.platform()}, Python {platform.python_version()}.",
-        "",
-        "Reproduce:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *machine_and_command_lines(command),
         "| seed | before | after | after / before | training (s) | demo (s) | load average at start |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]

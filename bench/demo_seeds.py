@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_between_markers  # noqa: E402
+from bench.common import machine_and_command_lines, write_between_markers  # noqa: E402
 
 MODES = {0: "sync", 1: "async"}
 
@@ -103,14 +102,7 @@ def results_markdown(rows: list[dict], command: str, steps: int, overrides: list
         "`async` is `max_staleness: 1` (the next batch is generated while the trainer trains on this one).",
         "Wall time is the training loop only (no starter, no server start, no evaluation).",
         "",
-        f"Machine: {os.cpu_count()} CPU cores, {platform.platform()}, Python {platform.python_version()}.",
-        "",
-        "Reproduce:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
+        *machine_and_command_lines(command),
         "| seed | mode | before | after | gain | training wall time (s) | s / step | mean staleness |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
