@@ -466,13 +466,14 @@ def settings_from_config(config, model: str | Path | None = None) -> EngineSetti
         max_model_len=config.colocate_max_model_len,
         enforce_eager=config.colocate_enforce_eager,
         seed=config.seed,
-        max_lora_rank=colocated_lora_rank(config),
+        max_lora_rank=engine_lora_rank(config),
     )
 
 
-def colocated_lora_rank(config) -> int | None:
-    """The engine's max LoRA rank for a trainer config: the smallest rank vLLM takes that holds
-    ``lora_rank``, with ``lora_sync: adapter``; None (no LoRA in the engine) otherwise."""
+def engine_lora_rank(config) -> int | None:
+    """The max LoRA rank a vLLM engine needs for a trainer config (the in-process one here, or the server
+    the demo starts): the smallest rank vLLM takes that holds ``lora_rank``, with ``lora_sync: adapter``;
+    None (no LoRA in the engine) otherwise."""
     if not (config.lora_rank and config.lora_sync == "adapter"):
         return None
     from generator_server.config import LORA_RANKS

@@ -145,7 +145,7 @@ def run_demo(
     import torch
 
     from trainer_client.client import GeneratorClient
-    from trainer_client.colocate import colocated_lora_rank
+    from trainer_client.colocate import engine_lora_rank
     from trainer_client.evaluate import evaluate
     from trainer_client.local_server import local_server, pinned_to_spare_core
     from trainer_client.plots import plot_runs, read_metrics
@@ -187,7 +187,7 @@ def run_demo(
     else:
         # --- 2. generation server ---------------------------------------------------------------------------
         server_args = list(server_args)
-        lora_rank = colocated_lora_rank(config)  # (the rank the server needs for adapter pushes, or None)
+        lora_rank = engine_lora_rank(config)  # (the rank the server needs for adapter pushes, or None)
         if lora_rank is not None and "--enable-lora" not in server_args:
             server_args += ["--enable-lora", "--max-lora-rank", str(lora_rank)]
         memory_set = any(a.startswith("--gpu-memory-utilization") for a in server_args)
