@@ -22,8 +22,8 @@ more entry):
 - ``http-chunked``: the same with ``X-Weights-Chunked-SHA256`` (what ``http`` sends to a server that does
   not offer BLAKE3), whose 16 MiB chunks a pool of threads hashes while the snapshot is copied. Same floor.
 - ``stream``: ``StreamTransport``: the same snapshot and BLAKE3 digest, the body written to the server's
-  raw TCP stream port (``--stream-port``, which the benchmark's server gets when this transport runs)
-  instead of ``PUT /weights``, the digest given with the commit (so no ``digest`` part: the push sends
+  raw TCP stream port (which a server opens by default; the benchmark's server runs with no transport
+  flags, as a user's would) instead of ``PUT /weights``, the digest given with the commit (so no ``digest`` part: the push sends
   while the hashing ends). Same floor.
 - ``http-file``: the client before issue 10: the snapshot written to a temporary safetensors file, hashed
   by reading it, streamed by reading it again (``GeneratorClient.push_weights_file``). Same floor.
@@ -340,8 +340,7 @@ def run_rounds(args, names: list[str], model_dir: Path, checkpoint_root: Path) -
         checkpoint_root=checkpoint_root,
         work_dir=args.server_work_dir,
         seed=args.seed,
-        extra=("--stream-port", "0") if "stream" in names else (),
-    )
+    )  # (no transport flags: the server opens its stream port by default, as a user's does)
     policy = {
         n: (t.float() if t.is_floating_point() else t).to(args.policy_device)
         for n, t in load_file(weights_file(model_dir)).items()
