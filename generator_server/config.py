@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-"""The values vLLM takes for --max-lora-rank (its ``MaxLoRARanks``, the same in 0.26 and 0.32)."""
+from online_dpo_protocol.models import LORA_RANKS
+
 DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 

@@ -171,6 +171,9 @@ class GenerateResponse(BaseModel):
 
 
 # --- /weights ---------------------------------------------------------------------------------------------
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks a server's ``--max-lora-rank`` takes (vLLM's ``MaxLoRARanks``, the same in 0.26 and 0.32); an
+adapter push of rank r needs a server whose ``max_lora_rank`` (``GET /weights``) is at least r."""
 ADAPTER_METADATA_KEY = "adapter_config"
 """An adapter push's safetensors file holds its LoRA config (peft's adapter_config.json: ``r``,
 ``lora_alpha``, ``target_modules``...) as JSON under this key of its ``__metadata__``, and peft's tensors

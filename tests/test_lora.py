@@ -28,6 +28,7 @@ from server_process import running_server
 
 from online_dpo_protocol.models import ADAPTER_METADATA_KEY
 from trainer_client.client import Completion, GeneratorClient
+from trainer_client.colocate import engine_lora_rank
 from trainer_client.config import ConfigError, TrainConfig, load_config
 from trainer_client.learner import Learner
 from trainer_client.lora import MergedWeights, adapter_tensors, base_tensors, is_lora_checkpoint, wire_config
@@ -238,10 +239,16 @@ def test_lora_config_refusals():
         (["lora_rank=4", "push=ipc"], "push: ipc carries whole models only"),
         (["lora_alpha=8"], r"\['lora_alpha'\] apply only with lora_rank > 0"),
         (["lora_rank=4", "lora_target_modules=[]"], "lora_target_modules: the list is empty"),
+        (["lora_rank=1024"], "lora_rank 1024 is over 512, the largest LoRA rank vLLM serves"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["model=m", *overrides])
     assert load_config(None, ["model=m", "lora_rank=4", "push=ipc", "lora_sync=merged"]).lora_sync == "merged"
+    assert load_config(None, ["model=m", "lora_rank=1024", "lora_sync=merged"]).lora_rank == 1024  # (merged)
+    # the engine's rank for adapter pushes: the smallest vLLM takes that holds lora_rank
+    ranks = [engine_lora_rank(load_config(None, ["model=m", f"lora_rank={r}"])) for r in (1, 4, 16, 300, 512)]
+    assert ranks == [1, 8, 16, 320, 512]
+    assert engine_lora_rank(load_config(None, ["model=m", "lora_rank=4", "lora_sync=merged"])) is None
 
 
 def test_lora_checkpoint_is_peft_folder_and_merges(tiny_model_dir, batch, tmp_path):

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from generator_server.gguf_model import resolve_model
-from online_dpo_protocol.models import Completion, GenerateRequest, GenerateResponse, PromptResult
+from online_dpo_protocol.models import LORA_RANKS, Completion, GenerateRequest, GenerateResponse, PromptResult
 from trainer_client.client import GenerateApi
 from trainer_client.generation import GenerationBatch
 
@@ -473,15 +473,10 @@ def settings_from_config(config, model: str | Path | None = None) -> EngineSetti
 def engine_lora_rank(config) -> int | None:
     """The max LoRA rank a vLLM engine needs for a trainer config (the in-process one here, or the server
     the demo starts): the smallest rank vLLM takes that holds ``lora_rank``, with ``lora_sync: adapter``;
-    None (no LoRA in the engine) otherwise."""
+    None (no LoRA in the engine) otherwise. (A rank over vLLM's largest is refused with the config.)"""
     if not (config.lora_rank and config.lora_sync == "adapter"):
         return None
-    from generator_server.config import LORA_RANKS
-
-    fits = [r for r in LORA_RANKS if r >= config.lora_rank]
-    if not fits:
-        raise ColocateError(f"lora_rank {config.lora_rank} is over vLLM's largest LoRA rank {LORA_RANKS[-1]}")
-    return fits[0]
+    return min(r for r in LORA_RANKS if r >= config.lora_rank)
 
 
 @contextmanager

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from online_dpo_protocol.models import LORA_RANKS
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
@@ -348,6 +350,11 @@ class TrainConfig(BaseModel):
                 "switched off, a switch a recorded graph cannot follow, and graphs of peft's layers are not "
                 "checked on a GPU; set cuda_graphs: false (at LoRA's usual sizes a step is bound by the "
                 "card, not by launching kernels)"
+            )
+        if self.lora_sync == "adapter" and self.lora_rank > LORA_RANKS[-1]:
+            raise ValueError(
+                f"lora_rank {self.lora_rank} is over {LORA_RANKS[-1]}, the largest LoRA rank vLLM serves,"
+                " which lora_sync: adapter needs: take a smaller rank, or lora_sync: merged (full weights)"
             )
         if self.lora_sync == "adapter" and self.push in ("ipc", "shared"):
             raise ValueError(
