@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     task = write_prompts(work / "prompts.jsonl")
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     results, rows = {}, []
+    machine = describe_machine()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(params=info["params"], runs=runs)
+    out = args.out or args.work_dir / f"lora_scale-{args.shape}.json"
     for run in runs:  # one server per kind of run (with --enable-lora for LoRA), for every staleness
         lora = run == "lora"
         server_flags = ["--stream-port", "0"] + (["--enable-lora", "--max-lora-rank", "16"] if lora else [])
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 )  # fmt: skip
                 print(f"{args.shape} {label}: {args.steps} steps ...", flush=True)
                 results[label] = s = measure(config, args.skip, args.device)
+                write_results(out, "lora_scale", machine, settings, results)  # (each run's, as it ends)
                 server_gib = s["server_peak_gib"] if s["server_peak_gib"] is not None else "n/a"
                 rows.append(
                     [run, staleness, s["wall_per_step"], s["producer_per_step"], s["train_per_step"]]
@@ -247,7 +252,6 @@ def main(argv: list[str] | None = None) -> None:
     if "lora-staleness-0" in results and "full-staleness-0" in results:
         ratio = results["full-staleness-0"]["push_seconds"] / results["lora-staleness-0"]["push_seconds"]
         results["full_over_lora_push"] = ratio
-    machine = describe_machine()
     print()
     print(
         f"## LoRA at scale: {args.shape} ({human_params(info['params'])} params, {dtype}), LoRA rank "
@@ -259,9 +263,6 @@ def main(argv: list[str] | None = None) -> None:
     if "full_over_lora_push" in results:
         ratio = results["full_over_lora_push"]
         print(f"\nfull push / LoRA push (synchronous runs, same transport): {ratio:.1f}x")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(params=info["params"], runs=runs)
-    out = args.out or args.work_dir / f"lora_scale-{args.shape}.json"
     write_results(out, "lora_scale", machine, settings, results)
 
 
