@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from generator_server.config import ServerSettings
+from generator_server.engine_plugin import CPU_POLL_PAUSE, POLL_ENV
 from generator_server.errors import ApiError
 from generator_server.lora import NOT_ENABLED, check_adapter, stage_adapter
 from generator_server.metrics import ServerMetrics
@@ -197,6 +198,9 @@ class GenerationEngine:
             log.info("KV cache: %.1f GiB of the machine's memory (--kv-cache-gib)", kv_cache_gib)
             if dtype != s.dtype:
                 log.info("computing in %s: this CPU has no native bfloat16 (--dtype)", dtype)
+            # The engine's processes poll for each other's steps with pauses, not spinning on a core the
+            # worker or a trainer beside the server needs (generator_server/engine_plugin.py).
+            os.environ.setdefault(POLL_ENV, str(CPU_POLL_PAUSE))
         args = AsyncEngineArgs(
             model=str(self.model_dir),
             dtype=dtype,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from generator_server.engine_deaths import record_fatal_errors
+from generator_server.engine_plugin import setup
 from generator_server.mapped_weights import MappedWeights
 
-record_fatal_errors()  # (this module is imported in the engine's process: the exception it may die of)
+setup()  # (this module is imported in the engine's worker process: as the vLLM plugin does there)
 
 
 def _bytes(text: str | None) -> bytes:
