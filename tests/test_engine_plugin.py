@@ -1,6 +1,6 @@
 """The server's code inside vLLM's engine processes (generator_server/engine_plugin.py): on the CPU they poll
 for each other's steps with pauses instead of spinning on a core that the worker or a trainer beside the
-server needs (bench/engine_spin.py measures what that is worth)."""
+server needs (docs/SERVER.md: what that is worth to the CPU demo, measured with bench/demo_real.py)."""
 
 from __future__ import annotations
 
