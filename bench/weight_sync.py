@@ -23,8 +23,8 @@ more entry):
   not offer BLAKE3), whose 16 MiB chunks a pool of threads hashes while the snapshot is copied. Same floor.
 - ``stream``: ``StreamTransport``: the same snapshot and BLAKE3 digest, the body written to the server's
   raw TCP stream port (which a server opens by default; the benchmark's server runs with no transport
-  flags, as a user's would) instead of ``PUT /weights``, the digest given with the commit (so no ``digest`` part: the push sends
-  while the hashing ends). Same floor.
+  flags, as a user's would) instead of ``PUT /weights``, the digest given with the commit (so no
+  ``digest`` part: the push sends while the hashing ends). Same floor.
 - ``http-file``: the client before issue 10: the snapshot written to a temporary safetensors file, hashed
   by reading it, streamed by reading it again (``GeneratorClient.push_weights_file``). Same floor.
 - ``shared``: ``SharedFolderTransport``: the snapshot written to a file below the server's
