@@ -6,9 +6,10 @@ vLLM runs the engine core in a process of its own; when that process dies, the s
 
 * the engine processes' exit status, which vLLM's process manager holds (a negative status is the signal),
   and the kernel's count of out-of-memory kills (``/proc/vmstat``), read before and after;
-* what the engine's processes log at ERROR level: :func:`record_fatal_errors`, installed there as a vLLM
-  plugin, appends those records ("EngineCore encountered a fatal error" and its exception, "Worker proc
-  ... died unexpectedly (exit code: -9)") to a file the server names in ``$ONLINE_DPO_ENGINE_ERROR_FILE``.
+* what the engine's processes log at ERROR level: :func:`record_fatal_errors`, installed there by this
+  package's vLLM plugin (generator_server/engine_plugin.py), appends those records ("EngineCore
+  encountered a fatal error" and its exception, "Worker proc ... died unexpectedly (exit code: -9)") to a
+  file the server names in ``$ONLINE_DPO_ENGINE_ERROR_FILE``.
   On the CPU the model runs in a worker process below the engine core, whose exit status only the engine
   core sees: this is how a SIGKILL of that worker (the process the out-of-memory killer picks: it holds
   the weights and the KV cache) reaches the server.
@@ -204,10 +205,10 @@ class _ErrorRecords(logging.Handler):
 
 def record_fatal_errors() -> None:
     """In an engine process (not the server's): append what vLLM logs at ERROR level (the exception it
-    dies of, a worker found dead and its exit code) to ``$ONLINE_DPO_ENGINE_ERROR_FILE``, if set. A vLLM
-    plugin (``vllm.general_plugins`` in pyproject.toml: loaded in the engine-core and worker processes once
-    vLLM's logging is set up), also called where this package's worker extension is imported; installing
-    twice is a no-op."""
+    dies of, a worker found dead and its exit code) to ``$ONLINE_DPO_ENGINE_ERROR_FILE``, if set. Called by
+    this package's vLLM plugin (:func:`generator_server.engine_plugin.setup`, loaded in the engine-core and
+    worker processes once vLLM's logging is set up, and again where the worker extension is imported);
+    installing twice is a no-op."""
     path = os.environ.get(ERROR_FILE_ENV)
     if not path or os.environ.get(SERVER_PID_ENV) == str(os.getpid()):
         return
