@@ -41,8 +41,13 @@ def test_a_reader_in_the_busy_window_pauses_between_polls_and_still_wakes_when_t
         reader.wait(timeout_ms=None)
         assert time.monotonic() - started >= 0.19
 
-        # past the busy window it is vLLM's wait on the socket, which a writer's announcement ends
+        # past the busy window it is vLLM's wait on the socket: until its timeout with nothing announced ...
         reader.last_read = time.monotonic() - 10 * reader.busy_loop_s
+        started = time.monotonic()
+        reader.wait(timeout_ms=1000)
+        assert time.monotonic() - started >= 0.9  # (not the 0.2 s pause)
+
+        # ... and until a writer's announcement
         woken = threading.Event()
 
         def announce() -> None:
