@@ -38,6 +38,9 @@ CPU_POLL_PAUSE = 0.001
 
 POLLS_WITH_PAUSES = "generator-server: this engine process polls for the next step with pauses, not spinning"
 """Logged (vLLM's log, so the server's) by each engine process where the spinning wait is replaced."""
+_announced = False
+"""Whether this process has logged it (``setup`` runs twice in a worker: as the plugin and on import of
+the worker extension)."""
 
 
 def setup() -> None:
@@ -51,21 +54,13 @@ def setup() -> None:
         return
     if pause <= 0 or os.environ.get(SERVER_PID_ENV) == str(os.getpid()):
         return  # (not asked, or the server's own process, which has no such queue to wait on)
-    already = _installed_pause() == pause
-    if poll_with_pauses(pause) and not already:
+    global _announced
+    if poll_with_pauses(pause) and not _announced:
+        _announced = True
         logging.getLogger("vllm.online_dpo").info(
             "%s (%s, pid %d; %s=%s)", POLLS_WITH_PAUSES, multiprocessing.current_process().name, os.getpid(),
             POLL_ENV, pause,
         )  # fmt: skip
-
-
-def _installed_pause() -> float | None:
-    """The pause :func:`poll_with_pauses` installed in this process, if any."""
-    try:
-        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-    except ImportError:
-        return None
-    return getattr(SpinCondition.wait, "__poll_pause__", None)
 
 
 def poll_with_pauses(pause: float) -> bool:
@@ -92,6 +87,5 @@ def poll_with_pauses(pause: float) -> bool:
         return original(self, timeout_ms)
 
     wait.__wrapped_wait__ = original
-    wait.__poll_pause__ = pause
     SpinCondition.wait = wait
     return True
